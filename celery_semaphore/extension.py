@@ -1,0 +1,354 @@
+"""``install(app)``: the one place where celery_semaphore touches a Celery app.
+
+It wraps the app's ``amqp.send_task_message`` (every publish of a task goes through it:
+``delay``, ``apply_async``, signatures, chains, groups, chords, ``send_task`` by name),
+connects the signal receivers, adds the keepalive bootstep and the ``celery_semaphore.tick``
+task and its beat entry. Everything is idempotent; importing the package does none of it.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from functools import cached_property
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.utils.log import get_logger
+from kombu.utils.url import maybe_sanitize_url
+
+from . import signals
+from .config import Settings
+from .decorator import GateSpec, spec_of
+from .errors import ConfigurationError
+from .gate import Acquired, Gate, Grant, Malformed
+from .message import CapturingProducer, Envelope
+from .scripts import Scripts
+
+__all__ = ["TICK_TASK", "Extension", "extension_for", "install", "installed_extensions"]
+
+logger = get_logger(__name__)
+
+#: Name of the beat-scheduled task that reclaims expired leases and dispatches parked calls.
+TICK_TASK = "celery_semaphore.tick"
+
+_extensions: weakref.WeakKeyDictionary[Celery, Extension] = weakref.WeakKeyDictionary()
+_lock = threading.RLock()
+
+
+def install(app: Celery) -> Extension:
+    """Install celery_semaphore on ``app``; calling it again returns the same extension.
+
+    The first ``@gated`` task of an app calls this, so users rarely need to.
+
+    Args:
+        app: the Celery application.
+
+    Returns:
+        The app's :class:`Extension`.
+
+    Examples:
+        >>> app = Celery("proj", broker="redis://localhost:6379/0")
+        >>> app.conf.semaphore_limits = {"crawler": 4}
+        >>> ext = install(app)
+    """
+    with _lock:
+        ext = _extensions.get(app)
+        if ext is None:
+            ext = Extension(app)
+            _extensions[app] = ext
+            ext._setup()
+        return ext
+
+
+def install_if_gated(app: Celery) -> None:
+    """Install on ``app`` when one of its tasks is gated (a hook run when an app is finalized)."""
+    if app not in _extensions and any(spec_of(t) for t in list(app._tasks.values())):
+        install(app)
+
+
+def extension_for(app: Celery | None) -> Extension | None:
+    """Return the extension installed on ``app``, or ``None``."""
+    return _extensions.get(app) if app is not None else None
+
+
+def installed_extensions() -> list[Extension]:
+    """Every extension installed in this process."""
+    return list(_extensions.values())
+
+
+class Extension:
+    """Per-app state: settings, the Redis client, the gates and the publish hook."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self._specs: dict[str, GateSpec | None] = {}
+        self._gates: dict[str, Gate] = {}
+        self._gates_lock = threading.Lock()
+        self._original_send: Any = None
+
+    # -- setup -----------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        app = self.app
+        # amqp.send_task_message is a cached_property: an instance attribute replaces it. The
+        # original is built lazily so that installing does not load the app's configuration.
+        app.amqp.send_task_message = self.send_task_message
+        signals.connect()
+        from .worker import Keepalive
+
+        app.steps["worker"].add(Keepalive)
+        from .tick import register_tick
+
+        register_tick(app)
+
+    # -- settings and gates ----------------------------------------------------------------
+
+    @cached_property
+    def settings(self) -> Settings:
+        """The validated ``semaphore_*`` settings (read on first use)."""
+        return Settings.from_conf(self.app.conf)
+
+    @cached_property
+    def client(self) -> redis.Redis:
+        """The Redis client of the slots (redis-py resets its pool in a forked child)."""
+        timeout = self.settings.redis_timeout_s
+        return redis.Redis.from_url(
+            self.settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+
+    @cached_property
+    def scripts(self) -> Scripts:
+        """The Lua scripts registered on :attr:`client`."""
+        return Scripts(self.client)
+
+    def register(self, task_name: str, spec: GateSpec) -> None:
+        """Record that ``task_name`` is gated by ``spec`` (``@gated`` above a task calls this).
+
+        Raises:
+            ConfigurationError: another task gives the same semaphore a different limit.
+        """
+        for other_name, other in self._specs.items():
+            if (
+                other is not None
+                and other.gate == spec.gate
+                and None not in (other.limit, spec.limit)
+                and other.limit != spec.limit
+            ):
+                raise ConfigurationError(
+                    f"semaphore {spec.gate!r} gets limit {spec.limit} from {task_name} but "
+                    f"{other.limit} from {other_name}; give it one limit (or only in semaphore_limits)"
+                )
+        self._specs[task_name] = spec
+
+    def spec_for(self, task_name: str) -> GateSpec | None:
+        """Return the gate spec of a task by name, or ``None`` if it is not gated."""
+        try:
+            return self._specs[task_name]
+        except KeyError:
+            pass
+        task = self.app._tasks.get(task_name)
+        spec = spec_of(task) if task is not None else None
+        if spec is not None and spec.gate is None:
+            spec = GateSpec(task_name, spec.limit, spec.lease_s)
+        if task is not None:
+            # Cache only names the registry knows: a task registered later is looked up again.
+            if spec is not None:
+                self.register(task_name, spec)
+            else:
+                self._specs[task_name] = None
+        return spec
+
+    def gate_name_of_task(self, task_name: str) -> str | None:
+        """The semaphore a task is gated by, or ``None``."""
+        spec = self.spec_for(task_name)
+        return spec.gate if spec is not None else None
+
+    def known_gates(self) -> list[str]:
+        """Every semaphore this app knows: configured limits and gated tasks."""
+        for name in list(self.app._tasks.keys()):
+            self.spec_for(name)
+        names = set(self.settings.limits)
+        names.update(s.gate for s in self._specs.values() if s is not None and s.gate)
+        return sorted(names)
+
+    def limit_of(self, gate: str) -> int:
+        """The limit of a semaphore: the decorator's, else ``semaphore_limits``.
+
+        Raises:
+            ConfigurationError: no limit is given anywhere.
+        """
+        for spec in self._specs.values():
+            if spec is not None and spec.gate == gate and spec.limit is not None:
+                return spec.limit
+        limit = self.settings.limits.get(gate)
+        if limit is None:
+            raise ConfigurationError(
+                f"semaphore {gate!r} has no limit: add it to the semaphore_limits setting "
+                f"(app.conf.semaphore_limits = {{{gate!r}: N}}) or pass limit= to @gated"
+            )
+        return limit
+
+    def gate(self, name: str) -> Gate:
+        """The :class:`Gate` of semaphore ``name`` (built once per process)."""
+        gate = self._gates.get(name)
+        if gate is None:
+            with self._gates_lock:
+                gate = self._gates.get(name)
+                if gate is None:
+                    lease = self.settings.lease_s
+                    gate = Gate(
+                        self.client,
+                        self.scripts,
+                        name,
+                        self.limit_of(name),
+                        lease,
+                        prefix=self.settings.key_prefix,
+                        url=maybe_sanitize_url(self.settings.redis_url),
+                    )
+                    self._gates[name] = gate
+        return gate
+
+    # -- publishing ------------------------------------------------------------------------
+
+    def _original(self) -> Any:
+        if self._original_send is None:
+            self._original_send = self.app.amqp._create_task_sender()
+        return self._original_send
+
+    def send_task_message(self, producer: Any, name: str, message: Any, **options: Any) -> Any:
+        """Celery's ``amqp.send_task_message``, gated for gated tasks."""
+        spec = self.spec_for(name)
+        headers = message[0]
+        if spec is None or not isinstance(headers, dict) or "id" not in headers:
+            return self._original()(producer, name, message, **options)
+        gate = self.gate(spec.gate or name)
+        headers[signals.HEADER] = gate.name
+        delay_ms = _delay_ms(headers.get("eta"))
+
+        def on_task(real_producer: Any, envelope: Envelope) -> Any:
+            return self._publish_gated(gate, spec, headers["id"], delay_ms, real_producer, envelope)
+
+        return self._original()(CapturingProducer(producer, on_task), name, message, **options)
+
+    def _publish_gated(
+        self,
+        gate: Gate,
+        spec: GateSpec,
+        task_id: str,
+        delay_ms: int,
+        producer: Any,
+        envelope: Envelope,
+    ) -> Any:
+        outcome, _ = gate.acquire(
+            task_id, envelope.encode(), delay_ms=delay_ms, lease_s=spec.lease_s
+        )
+        if outcome in (Acquired.PARKED, Acquired.ALREADY_PARKED):
+            return None
+        try:
+            return envelope.publish(producer, envelope.declare)
+        except BaseException:
+            if outcome is Acquired.GRANTED:
+                # The caller sees the error and was never told the call was accepted.
+                self.release(gate.name, task_id, None)
+            raise
+
+    def release(self, gate_name: str, task_id: str, fence: int | None) -> bool:
+        """Free a call's slot and publish the calls handed a slot; returns whether one was freed."""
+        released, grants, malformed = self.gate(gate_name).release(task_id, fence)
+        self._report_malformed(gate_name, malformed)
+        self.dispatch(gate_name, grants)
+        return released
+
+    def dispatch(self, gate_name: str, grants: list[Grant]) -> int:
+        """Publish handed-off calls; returns how many were published.
+
+        A call that cannot be published now keeps its message in Redis: when its lease
+        expires the tick parks it again, so it is delayed, never lost.
+        """
+        if not grants:
+            return 0
+        sent = 0
+        with self.app.producer_or_acquire() as producer:
+            queues = self.app.amqp.queues
+            for grant in grants:
+                try:
+                    envelope = Envelope.decode(grant.message)
+                    envelope.publish(producer, [queues[q] for q in envelope.queues])
+                    sent += 1
+                except Exception:
+                    logger.exception(
+                        "semaphore %r: could not publish call %s; it is parked again when its "
+                        "lease expires",
+                        gate_name,
+                        grant.task_id,
+                    )
+        return sent
+
+    def _report_malformed(self, gate_name: str, malformed: list[Malformed]) -> None:
+        for entry in malformed:
+            logger.error(
+                "semaphore %r: dropped malformed parked entry %s: %r",
+                gate_name,
+                entry.task_id,
+                entry.raw[:200],
+            )
+
+    # -- keepalive and tick ----------------------------------------------------------------
+
+    def keepalive_interval(self) -> float:
+        """Seconds between two keepalives of running calls: a third of the shortest lease."""
+        leases = [self.settings.lease_s]
+        leases += [s.lease_s for s in self._specs.values() if s is not None and s.lease_s]
+        return max(min(leases) / 3.0, 0.05)
+
+    def keepalive(self, calls: dict[str, list[str]]) -> list[str]:
+        """Renew the leases of ``{gate: [call ids]}``; returns the calls whose lease was lost."""
+        lost: list[str] = []
+        for gate_name, ids in calls.items():
+            lost += self.gate(gate_name).keepalive(ids)
+        return lost
+
+    def tick(self) -> dict[str, Any]:
+        """Reclaim expired leases and dispatch parked calls into free slots, for every gate.
+
+        Two ticks at once are harmless: each expired lease and each free slot is taken by
+        exactly one script run.
+        """
+        summary: dict[str, Any] = {}
+        for name in self.known_gates():
+            reclaimed, grants, malformed = self.gate(name).reclaim()
+            for r in reclaimed:
+                logger.warning(
+                    "semaphore %r: reclaimed the expired lease of call %s (state %s, runner %s); "
+                    "its worker died or stopped renewing it",
+                    name,
+                    r.task_id,
+                    r.state,
+                    r.runner or "-",
+                )
+            self._report_malformed(name, malformed)
+            sent = self.dispatch(name, grants)
+            summary[name] = {"reclaimed": len(reclaimed), "dispatched": sent}
+        return summary
+
+    def iter_gates(self) -> Iterator[Gate]:
+        """Every known gate."""
+        for name in self.known_gates():
+            yield self.gate(name)
+
+
+def _delay_ms(eta: Any) -> int:
+    """Milliseconds from now until a message's ETA header (0 when it has none)."""
+    if not eta:
+        return 0
+    try:
+        when = datetime.fromisoformat(eta) if isinstance(eta, str) else eta
+    except ValueError:
+        return 0
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0, int((when - datetime.now(UTC)).total_seconds() * 1000))

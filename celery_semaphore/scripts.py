@@ -1,0 +1,51 @@
+"""The Lua scripts, loaded from ``lua/*.lua`` and registered once per Redis client.
+
+Each script is ``common.lua`` followed by its own file, so helpers live in one place.
+``register_script`` gives EVALSHA with an automatic reload when Redis answers NOSCRIPT.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+from typing import Any
+
+import redis
+from redis.commands.core import Script
+
+from .errors import ScriptError
+
+__all__ = ["NAMES", "Scripts", "source"]
+
+NAMES = ("acquire", "start", "release", "keepalive", "reclaim", "cancel")
+
+
+@functools.cache
+def source(name: str) -> str:
+    """Return the full text of script ``name`` (the common helpers, then the script)."""
+    folder = resources.files(__package__).joinpath("lua")
+    common = folder.joinpath("common.lua").read_text(encoding="utf-8")
+    return common + "\n" + folder.joinpath(f"{name}.lua").read_text(encoding="utf-8")
+
+
+class Scripts:
+    """The registered scripts of one Redis client, as attributes named like the files."""
+
+    acquire: Script
+    start: Script
+    release: Script
+    keepalive: Script
+    reclaim: Script
+    cancel: Script
+
+    def __init__(self, client: redis.Redis) -> None:
+        for name in NAMES:
+            setattr(self, name, client.register_script(source(name)))
+
+
+def code_of(script: str, reply: Any, known: tuple[int, ...]) -> int:
+    """Return the status code at the head of a script's reply, or raise ScriptError."""
+    code = int(reply[0]) if isinstance(reply, list) and reply else reply
+    if code not in known:
+        raise ScriptError(script, reply)
+    return code

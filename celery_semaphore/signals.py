@@ -1,0 +1,165 @@
+"""Thin receivers of Celery's signals: find the gate and the call, call one Gate method.
+
+Celery catches and logs whatever a receiver raises and runs the task anyway, so a receiver
+cannot refuse a run. The verdict of ``task_prerun`` is stored on the request instead, and
+the task's guarded ``run`` (see ``decorator.guard``) acts on it. Releases missed here (a
+receiver that failed, a process that died) are repaired by lease expiry in the tick.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from celery import signals
+from celery._state import get_current_task
+from celery.exceptions import Ignore
+from celery.utils.log import get_logger
+
+from .gate import Started
+
+__all__ = ["HEADER", "connect", "current_fence", "gate_of_request", "refuse_if_denied"]
+
+logger = get_logger(__name__)
+
+#: Message header naming the semaphore a call holds a slot of; the task id is the token.
+HEADER = "semaphore_gate"
+
+_RUNNER = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _runner() -> str:
+    # Recomputed after fork: a prefork child must not claim its parent's pid.
+    global _RUNNER
+    pid = os.getpid()
+    if not _RUNNER.endswith(f":{pid}"):
+        _RUNNER = f"{socket.gethostname()}:{pid}"
+    return _RUNNER
+
+
+def gate_of_request(request: Any) -> str | None:
+    """Return the semaphore a request's message holds a slot of, or ``None`` if ungated."""
+    name = getattr(request, HEADER, None)
+    if name is None:
+        headers = getattr(request, "headers", None) or {}
+        name = headers.get(HEADER)
+    return name if isinstance(name, str) else None
+
+
+def current_fence() -> int | None:
+    """Return the fencing number of the slot held by the task running now.
+
+    Fences only grow per semaphore, so an external system that remembers the highest fence
+    it saw can refuse writes from a holder whose lease was lost and re-granted. ``None``
+    outside a gated run.
+    """
+    task = get_current_task()
+    return getattr(task.request, "semaphore_fence", None) if task is not None else None
+
+
+def refuse_if_denied() -> None:
+    """Raise ``Ignore`` when ``task_prerun`` decided this run must not execute."""
+    task = get_current_task()
+    if task is None:
+        return
+    request = task.request
+    verdict = getattr(request, "semaphore_verdict", None)
+    if verdict is None or verdict.runs:
+        return
+    if verdict is Started.LOST:
+        # The call lost its slot and none is free: send it through the gate again under the
+        # same id, so the call is not lost, and skip this run.
+        task.signature_from_request(request).apply_async()
+        logger.warning("semaphore: call %s lost its slot; parked again", request.id)
+    elif verdict is Started.DUPLICATE:
+        logger.warning(
+            "semaphore: call %s already runs elsewhere; duplicate run skipped", request.id
+        )
+    raise Ignore()
+
+
+def _ext_for(task: Any) -> Any:
+    from .extension import extension_for
+
+    return extension_for(getattr(task, "app", None))
+
+
+def on_prerun(sender: Any = None, task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    """``task_prerun``: renew the lease and mark the call running (a keepalive)."""
+    request = task.request
+    name = gate_of_request(request)
+    ext = _ext_for(task)
+    if name is None or ext is None:
+        return
+    verdict, fence = ext.gate(name).start(task_id, _runner())
+    request.semaphore_verdict = verdict
+    request.semaphore_fence = fence if verdict.runs else None
+
+
+def on_postrun(
+    sender: Any = None,
+    task_id: str | None = None,
+    task: Any = None,
+    state: str | None = None,
+    **_: Any,
+) -> None:
+    """``task_postrun`` in any state: release the slot and hand it to the next call."""
+    request = task.request
+    name = gate_of_request(request)
+    ext = _ext_for(task)
+    if name is None or ext is None or state == "RETRY":
+        # A retry was already sent with the same id and headers: it keeps the slot.
+        return
+    verdict = getattr(request, "semaphore_verdict", None)
+    if verdict is not None and not verdict.runs:
+        return  # this run held no slot of its own; releasing would free another's
+    ext.release(name, task_id, getattr(request, "semaphore_fence", None))
+
+
+def on_failure(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
+    """``task_failure`` raised outside the run (hard time limit, lost child): release by id."""
+    if sender is None or task_id is None or getattr(sender.request, "id", None) == task_id:
+        return  # inside the run task_postrun follows and releases with the fence
+    ext = _ext_for(sender)
+    name = ext.gate_name_of_task(sender.name) if ext is not None else None
+    if name is not None:
+        ext.release(name, task_id, None)
+
+
+def on_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
+    """``task_revoked``: a revoked or terminated call gives its slot back."""
+    ext = _ext_for(sender)
+    name = gate_of_request(request)
+    if ext is not None and name is not None and getattr(request, "id", None):
+        ext.release(name, request.id, None)
+
+
+def on_unknown(sender: Any = None, id: str | None = None, message: Any = None, **_: Any) -> None:
+    """``task_unknown``: a gated message no worker can run gives its slot back."""
+    from .extension import installed_extensions
+
+    headers = getattr(message, "headers", None) or {}
+    name = headers.get(HEADER)
+    if not isinstance(name, str) or id is None:
+        return
+    app = getattr(sender, "app", None)
+    for ext in installed_extensions():
+        if app is None or ext.app is app:
+            ext.release(name, id, None)
+            return
+
+
+_RECEIVERS = (
+    (signals.task_prerun, on_prerun),
+    (signals.task_postrun, on_postrun),
+    (signals.task_failure, on_failure),
+    (signals.task_revoked, on_revoked),
+    (signals.task_unknown, on_unknown),
+)
+
+
+def connect() -> None:
+    """Connect every receiver once per process (idempotent through ``dispatch_uid``)."""
+    for signal, receiver in _RECEIVERS:
+        signal.connect(receiver, weak=False, dispatch_uid=f"celery_semaphore.{receiver.__name__}")
