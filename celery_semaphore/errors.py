@@ -36,8 +36,8 @@ class RedisUnavailable(SemaphoreError):
         self.url = url
         detail = f": {cause}" if cause is not None else ""
         super().__init__(
-            f"cannot reach the semaphore Redis at {url}{detail}. Check that the server runs and that "
-            "the setting semaphore_redis_url names it; nothing was written for this call."
+            f"cannot reach the semaphore Redis at {url}{detail}. Check that the server runs "
+            "and that the setting semaphore_redis_url names it; nothing was written for this call."
         )
 
 

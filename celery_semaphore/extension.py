@@ -140,7 +140,8 @@ class Extension:
             ):
                 raise ConfigurationError(
                     f"semaphore {spec.gate!r} gets limit {spec.limit} from {task_name} but "
-                    f"{other.limit} from {other_name}; give it one limit (or only in semaphore_limits)"
+                    f"{other.limit} from {other_name}; give it one limit "
+                    "(or set it only in semaphore_limits)"
                 )
         self._specs[task_name] = spec
 
