@@ -1,0 +1,230 @@
+"""The Lua scripts through Gate, against a real redis-server, with the clock driven by the test."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import redis
+
+from celery_semaphore.errors import RedisUnavailable
+from celery_semaphore.gate import Acquired, Gate, Started, keys_for
+from celery_semaphore.scripts import Scripts
+
+from .conftest import slot_keys
+
+T0 = 1_700_000_000_000  # a fixed "now" in ms; every call below passes an explicit clock
+
+
+@pytest.fixture
+def gate(slots: redis.Redis, prefix: str) -> Gate:
+    return Gate(slots, Scripts(slots), "g", 2, lease_s=10, prefix=prefix)
+
+
+def test_acquire_grants_up_to_the_limit_then_parks(gate: Gate) -> None:
+    assert gate.acquire("a", b"ma", now_ms=T0) == (Acquired.GRANTED, 1)
+    assert gate.acquire("b", b"mb", now_ms=T0) == (Acquired.GRANTED, 2)
+    assert gate.acquire("c", b"mc", now_ms=T0) == (Acquired.PARKED, 1)
+    assert gate.acquire("d", b"md", now_ms=T0) == (Acquired.PARKED, 2)
+    assert gate.held() == 2
+    assert gate.parked() == 2
+
+
+def test_a_free_slot_is_not_taken_while_calls_wait_ahead(gate: Gate) -> None:
+    gate.acquire("a", b"", now_ms=T0)
+    gate.acquire("b", b"", now_ms=T0)
+    gate.acquire("c", b"mc", now_ms=T0)
+    gate.client.zrem(gate.keys[1], "a")  # a slot frees without a hand-off (as after a crash)
+    assert gate.acquire("e", b"me", now_ms=T0)[0] is Acquired.PARKED
+
+
+def test_release_hands_the_slot_to_the_oldest_parked_call_in_the_same_step(gate: Gate) -> None:
+    for call in "abcd":
+        gate.acquire(call, f"m{call}".encode(), now_ms=T0)
+    released, grants, malformed = gate.release("a", now_ms=T0 + 1)
+    assert released is True
+    assert [(g.task_id, g.message) for g in grants] == [("c", b"mc")]
+    assert grants[0].fence == 3
+    assert malformed == []
+    assert gate.holders() == {"b": T0 + 10_000, "c": T0 + 1 + 10_000}
+    assert gate.parked() == 1
+
+
+def test_releasing_twice_or_with_a_stale_fence_frees_nothing(gate: Gate) -> None:
+    _, fence = gate.acquire("a", b"", now_ms=T0)
+    gate.acquire("b", b"", now_ms=T0)
+    assert gate.release("a", fence + 1, now_ms=T0)[0] is False
+    assert gate.held() == 2
+    assert gate.release("a", fence, now_ms=T0)[0] is True
+    assert gate.release("a", fence, now_ms=T0)[0] is False
+    assert gate.release("a", now_ms=T0)[0] is False
+    assert gate.held() == 1
+
+
+def test_a_retry_of_a_holder_keeps_its_slot_and_its_next_start_is_not_a_duplicate(
+    gate: Gate,
+) -> None:
+    _, fence = gate.acquire("a", b"", now_ms=T0)
+    assert gate.start("a", "w1", now_ms=T0) == (Started.RUN, fence)
+    assert gate.acquire("a", b"", delay_ms=60_000, now_ms=T0 + 5) == (Acquired.HELD, fence)
+    # The countdown is covered: the lease runs from the retry's ETA.
+    assert gate.holders()["a"] == T0 + 5 + 60_000 + 10_000
+    assert gate.start("a", "w2", now_ms=T0 + 60_005) == (Started.RUN, fence)
+    assert gate.held() == 1
+
+
+def test_a_second_live_execution_of_one_call_is_a_duplicate(gate: Gate) -> None:
+    gate.acquire("a", b"", now_ms=T0)
+    assert gate.start("a", "w1", now_ms=T0)[0] is Started.RUN
+    verdict, _ = gate.start("a", "w2", now_ms=T0 + 1)
+    assert verdict is Started.DUPLICATE
+    assert not verdict.runs
+
+
+def test_fences_only_grow_per_gate(gate: Gate) -> None:
+    seen = []
+    for i in range(6):
+        _, fence = gate.acquire(f"c{i}", b"m", now_ms=T0)
+        if fence and i < 2:
+            seen.append(fence)
+    for i in range(6):
+        _, grants, _ = gate.release(f"c{i}", now_ms=T0)
+        seen += [g.fence for g in grants]
+    assert seen == sorted(seen)
+    assert len(set(seen)) == len(seen) == 6
+
+
+def test_reclaim_takes_back_expired_leases_only(gate: Gate) -> None:
+    gate.acquire("old", b"", now_ms=T0)
+    gate.start("old", "w1", now_ms=T0)
+    gate.acquire("new", b"", now_ms=T0 + 5_000)
+    gate.acquire("waiting", b"mw", now_ms=T0 + 5_000)
+    reclaimed, grants, _ = gate.reclaim(now_ms=T0 + 10_001)
+    assert [(r.task_id, r.state, r.runner) for r in reclaimed] == [("old", "r", "w1")]
+    assert [g.task_id for g in grants] == ["waiting"]
+    assert set(gate.holders()) == {"new", "waiting"}
+
+
+def test_reclaim_parks_again_a_handed_off_call_that_never_started(gate: Gate) -> None:
+    gate.acquire("a", b"", now_ms=T0)
+    gate.acquire("b", b"", now_ms=T0)
+    for call in "cde":
+        gate.acquire(call, f"m{call}".encode(), now_ms=T0)
+    assert [g.task_id for g in gate.release("a", now_ms=T0)[1]] == ["c"]
+    # The worker that should have published c died; b finished later and d took its slot.
+    assert [g.task_id for g in gate.release("b", now_ms=T0 + 5_000)[1]] == ["d"]
+    reclaimed, regrants, _ = gate.reclaim(now_ms=T0 + 10_001)
+    assert [(r.task_id, r.state) for r in reclaimed] == [("c", "parked")]
+    # c went back to its old place, ahead of e, with its message intact.
+    assert [(g.task_id, g.message) for g in regrants] == [("c", b"mc")]
+    assert set(gate.holders()) == {"c", "d"}
+    assert gate.parked() == 1
+
+
+def test_a_late_copy_of_a_re_parked_call_takes_a_free_slot_and_leaves_the_queue(gate: Gate) -> None:
+    gate.acquire("a", b"", now_ms=T0)
+    gate.acquire("b", b"", now_ms=T0)
+    gate.acquire("c", b"mc", now_ms=T0)
+    gate.release("a", now_ms=T0)
+    gate.client.zadd(gate.keys[1], {"b": T0})  # b's lease is about to expire too
+    gate.reclaim(now_ms=T0 + 10_001)  # c re-parked (never started), b reclaimed, c re-granted
+    gate.release("c", now_ms=T0 + 10_002)
+    assert gate.parked() == 0
+
+
+def test_keepalive_extends_leases_and_names_the_calls_that_lost_theirs(gate: Gate) -> None:
+    gate.acquire("a", b"", now_ms=T0)
+    assert gate.keepalive(["a", "gone"], now_ms=T0 + 9_000) == ["gone"]
+    assert gate.holders()["a"] == T0 + 19_000
+    assert gate.reclaim(now_ms=T0 + 10_001)[0] == []
+
+
+def test_a_call_that_lost_its_slot_takes_a_free_one_or_is_told_to_queue_again(gate: Gate) -> None:
+    assert gate.start("x", "w1", now_ms=T0)[0] is Started.REGRANTED
+    gate.acquire("y", b"", now_ms=T0)
+    assert gate.start("z", "w1", now_ms=T0) == (Started.LOST, 0)
+    assert gate.held() == 2
+
+
+def test_leases_are_measured_on_the_redis_clock(gate: Gate) -> None:
+    server_s, server_us = gate.client.time()
+    gate.acquire("a", b"")
+    server_ms = server_s * 1000 + server_us // 1000
+    deadline = gate.holders()["a"]
+    assert server_ms + 10_000 <= deadline <= server_ms + 10_000 + 1_000
+
+
+def test_a_gate_at_rest_keeps_only_its_state_hash(
+    gate: Gate, slots: redis.Redis, prefix: str
+) -> None:
+    for call in "abcdef":
+        gate.acquire(call, b"m", now_ms=T0)
+    for call in "abcdef":
+        _, grants, _ = gate.release(call, now_ms=T0)
+        for g in grants:
+            gate.start(g.task_id, "w", now_ms=T0)
+    assert slot_keys(slots, prefix) == [f"{{{prefix}:g}}:state"]
+
+
+def test_every_key_of_a_gate_shares_one_hash_tag() -> None:
+    tags = {key.split("}")[0] for key in keys_for("semaphore", "crawler")}
+    assert tags == {"{semaphore:crawler"}
+
+
+def test_cancel_removes_a_parked_call_only(gate: Gate) -> None:
+    gate.acquire("a", b"", now_ms=T0)
+    gate.acquire("b", b"", now_ms=T0)
+    gate.acquire("c", b"mc", now_ms=T0)
+    assert gate.cancel("a") is False
+    assert gate.cancel("c") is True
+    assert gate.parked() == 0
+    assert gate.release("a", now_ms=T0)[1] == []
+
+
+def test_a_malformed_parked_entry_is_moved_out_of_the_queue(gate: Gate) -> None:
+    gate.acquire("a", b"", now_ms=T0)
+    gate.acquire("b", b"", now_ms=T0)
+    gate.client.zadd(gate.keys[3], {"junk": 0})
+    gate.client.hset(gate.keys[2], "junk", "not json")
+    gate.acquire("c", b"mc", now_ms=T0)
+    _, grants, malformed = gate.release("a", now_ms=T0)
+    assert [(m.task_id, m.raw) for m in malformed] == [("junk", b"not json")]
+    assert [g.task_id for g in grants] == ["c"]
+
+
+def test_racing_clients_never_hold_more_slots_than_the_limit(
+    slots: redis.Redis, prefix: str
+) -> None:
+    limit, peak, errors = 3, [0], []
+
+    def client(n: int) -> None:
+        own = redis.Redis(connection_pool=slots.connection_pool)
+        g = Gate(own, Scripts(own), "race", limit, lease_s=10, prefix=prefix)
+        try:
+            for i in range(150):
+                call = f"{n}-{i}"
+                outcome, _ = g.acquire(call, b"m")
+                held = g.held()
+                peak[0] = max(peak[0], held)
+                # A parked call may have been handed a slot meanwhile: then cancel finds
+                # nothing parked and the call releases the slot it was given.
+                if outcome is Acquired.GRANTED or not g.cancel(call):
+                    g.release(call)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert peak[0] == limit
+    assert slots.zcard(keys_for(prefix, "race")[1]) == 0
+
+
+def test_an_unreachable_redis_raises_an_error_naming_the_url() -> None:
+    client = redis.Redis(port=1, socket_connect_timeout=0.2)
+    gate = Gate(client, Scripts(client), "g", 1, 10, url="redis://127.0.0.1:1/0")
+    with pytest.raises(RedisUnavailable, match=r"redis://127\.0\.0\.1:1/0"):
+        gate.acquire("a", b"m")
