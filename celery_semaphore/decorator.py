@@ -20,6 +20,7 @@ __all__ = ["SPEC_ATTR", "GateSpec", "gated", "spec_of"]
 SPEC_ATTR = "__semaphore_spec__"
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +55,7 @@ def _check_name(name: object) -> str:
 
 
 @overload
-def gated(name: T, /) -> T: ...
+def gated(name: F, /) -> F: ...
 
 
 @overload

@@ -61,7 +61,7 @@ class Envelope:
     def encode(self) -> bytes:
         """Return the form stored in Redis."""
         binary = isinstance(self.data, bytes)
-        data = base64.b64encode(self.data).decode() if binary else self.data
+        data = base64.b64encode(self.data).decode() if isinstance(self.data, bytes) else self.data
         return json.dumps(
             {
                 "v": 1,

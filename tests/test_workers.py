@@ -1,0 +1,96 @@
+"""End to end with `celery worker -P prefork` and `celery beat` subprocesses, and over RabbitMQ."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+
+import pytest
+import redis
+from celery import Celery
+
+from celery_semaphore import extension_for
+from celery_semaphore.gate import Acquired
+
+from . import proj
+from .conftest import Processes, slot_keys, threads_worker, wait_for
+
+
+def test_a_prefork_worker_and_a_real_beat_keep_a_hundred_calls_within_three_slots(
+    processes: Processes, slots: redis.Redis, prefix: str
+) -> None:
+    processes.worker("w1", concurrency=8)
+    processes.beat()
+    app = proj.app_from_env(processes.env)
+    results = [app.tasks["proj.work"].delay(20) for _ in range(100)]
+    assert [r.get(timeout=120) for r in results] == [20] * 100
+    probe = proj.Probe(processes.env["CS_PROBE"], prefix)
+    assert probe.value("peak") == 3
+    assert probe.value("done") == 100
+    gate = extension_for(app).gate("work")
+    assert (gate.held(), gate.parked()) == (0, 0)
+    assert slot_keys(slots, prefix) == [f"{{{prefix}:work}}:state"]
+
+
+def test_beat_returns_the_slot_of_a_dead_holder_within_lease_plus_tick(
+    processes: Processes, prefix: str
+) -> None:
+    processes.env.update(CS_LIMIT="1", CS_TICK="0.5")
+    app = proj.app_from_env(processes.env)
+    gate = extension_for(app).gate("work")
+    # A holder whose worker died before releasing: a 1 s lease nobody renews.
+    assert gate.acquire("dead-holder", b"", lease_s=1.0)[0] is Acquired.GRANTED
+    waiting = app.tasks["proj.work"].delay(5)
+    assert gate.parked() == 1
+    processes.worker("w1", concurrency=2)
+    processes.beat()
+    # lease (1 s) + tick (0.5 s), plus beat's and the worker's start-up.
+    assert waiting.get(timeout=30) == 5
+    assert "dead-holder" not in gate.holders()
+
+
+def _rabbitmq_reachable() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 5672), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _rabbitmq_reachable(), reason="no RabbitMQ listening on 127.0.0.1:5672")
+def test_rabbitmq_as_broker_with_redis_only_for_the_slots(
+    urls: dict[str, str], prefix: str, slots: redis.Redis
+) -> None:
+    app: Celery = proj.create_app(
+        f"proj-amqp-{prefix}",
+        broker="amqp://guest:guest@127.0.0.1:5672//",
+        backend=urls["backend"],
+        slots_url=urls["slots"],
+        probe_url=urls["probe"],
+        prefix=prefix,
+        queue=prefix,
+        limit=3,
+    )
+    try:
+        with threads_worker(app, concurrency=8):
+            results = [app.tasks["proj.work"].delay(20) for _ in range(100)]
+            assert [r.get(timeout=60) for r in results] == [20] * 100
+        assert app.probe.value("peak") == 3
+        assert slot_keys(slots, prefix) == [f"{{{prefix}:work}}:state"]
+    finally:
+        with app.connection_for_write() as conn:
+            conn.default_channel.queue_delete(prefix)
+
+
+def test_calls_from_inside_a_task_are_gated_too(make_app: Callable[..., Celery]) -> None:
+    app = make_app(limit=2)
+
+    @app.task(name="proj.fan_out", shared=False)
+    def fan_out(n: int) -> list[str]:
+        return [app.tasks["proj.work"].delay(10).id for _ in range(n)]
+
+    with threads_worker(app, concurrency=8):
+        ids = fan_out.delay(12).get(timeout=20)
+        assert [app.AsyncResult(i).get(timeout=30) for i in ids] == [10] * 12
+    assert app.probe.value("peak") == 2
+    wait_for(lambda: extension_for(app).gate("work").held() == 0, 5, "slots to be free")
