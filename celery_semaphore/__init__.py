@@ -5,11 +5,14 @@ Importing this package changes nothing; :func:`gated` and :func:`install` do.
 
 from __future__ import annotations
 
+from .backends import AbstractBackend, GatedCalls, TaskBackend
 from .decorator import GateSpec, gated
 from .errors import ConfigurationError, LeaseLost, RedisUnavailable, ScriptError, SemaphoreError
 from .extension import TICK_TASK, Extension, extension_for, install
 from .gate import Acquired, Gate, Started
-from .signals import current_fence
+from .scheduler import Scheduler
+from .signals import current_fence, holds_slot
+from .slot import AbstractSlot, RedisSlot
 
 __version__ = "0.1.0"
 
@@ -19,9 +22,17 @@ __all__ = [
     "install",
     "extension_for",
     "current_fence",
+    "holds_slot",
     "Extension",
     "GateSpec",
     "TICK_TASK",
+    # the scheduler model
+    "Scheduler",
+    "AbstractBackend",
+    "AbstractSlot",
+    "RedisSlot",
+    "GatedCalls",
+    "TaskBackend",
     # the semaphore itself
     "Gate",
     "Acquired",

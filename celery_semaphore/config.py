@@ -22,6 +22,8 @@ DEFAULTS: dict[str, Any] = {
     "semaphore_key_prefix": "semaphore",
     "semaphore_redis_timeout": 5.0,
     "semaphore_slots": [],
+    "semaphore_dedupe_window": 3600.0,
+    "semaphore_duplicates": "refuse",
 }
 
 
@@ -57,6 +59,8 @@ class Settings:
         key_prefix: first part of every Redis key.
         redis_timeout_s: socket connect and read timeout towards Redis.
         slots: slot configurations for the :class:`~celery_semaphore.Scheduler`.
+        dedupe_window_s: how long a call delivered more than once is remembered after its end.
+        duplicates: ``"refuse"`` or ``"allow"`` a second live execution of one call.
     """
 
     redis_url: str
@@ -66,6 +70,8 @@ class Settings:
     key_prefix: str
     redis_timeout_s: float
     slots: tuple[Mapping[str, Any], ...]
+    dedupe_window_s: float = 3600.0
+    duplicates: str = "refuse"
 
     @classmethod
     def from_conf(cls, conf: Any) -> Settings:
@@ -104,6 +110,11 @@ class Settings:
         slots = get("semaphore_slots") or []
         if not isinstance(slots, (list, tuple)):
             raise ConfigurationError(f"semaphore_slots must be a list of slot dicts, got {slots!r}")
+        duplicates = get("semaphore_duplicates")
+        if duplicates not in ("refuse", "allow"):
+            raise ConfigurationError(
+                f"semaphore_duplicates must be 'refuse' or 'allow', got {duplicates!r}"
+            )
         return cls(
             redis_url=url,
             limits={str(name): check_limit(str(name), n) for name, n in limits.items()},
@@ -116,4 +127,8 @@ class Settings:
                 "semaphore_redis_timeout", get("semaphore_redis_timeout")
             ),
             slots=tuple(slots),
+            dedupe_window_s=check_seconds(
+                "semaphore_dedupe_window", get("semaphore_dedupe_window")
+            ),
+            duplicates=duplicates,
         )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any
@@ -24,8 +23,9 @@ from . import signals
 from .config import Settings
 from .decorator import GateSpec, spec_of
 from .errors import ConfigurationError
-from .gate import Acquired, Gate, Grant, Malformed
+from .gate import Acquired, Gate, Grant
 from .message import CapturingProducer, Envelope
+from .scheduler import Scheduler
 from .scripts import Scripts
 
 __all__ = ["TICK_TASK", "Extension", "extension_for", "install", "installed_extensions"]
@@ -86,7 +86,6 @@ class Extension:
     def __init__(self, app: Celery) -> None:
         self.app = app
         self._specs: dict[str, GateSpec | None] = {}
-        self._gates: dict[str, Gate] = {}
         self._gates_lock = threading.Lock()
         self._original_send: Any = None
 
@@ -172,7 +171,7 @@ class Extension:
         """Every semaphore this app knows: configured limits and gated tasks."""
         for name in list(self.app._tasks.keys()):
             self.spec_for(name)
-        names = set(self.settings.limits)
+        names = set(self.settings.limits) | set(self.scheduler.gates)
         names.update(s.gate for s in self._specs.values() if s is not None and s.gate)
         return sorted(names)
 
@@ -185,6 +184,9 @@ class Extension:
         for spec in self._specs.values():
             if spec is not None and spec.gate == gate and spec.limit is not None:
                 return spec.limit
+        defined = self.scheduler.gate(gate)
+        if defined is not None:
+            return defined.limit
         limit = self.settings.limits.get(gate)
         if limit is None:
             raise ConfigurationError(
@@ -193,24 +195,48 @@ class Extension:
             )
         return limit
 
+    @cached_property
+    def scheduler(self) -> Scheduler:
+        """The app's Scheduler: a semaphore per gate, plus the ``semaphore_slots`` slots.
+
+        Raises:
+            ConfigurationError: ``semaphore_slots`` is invalid, or defines the slots of a
+                semaphore that ``semaphore_limits`` sizes too.
+        """
+        scheduler = Scheduler(
+            {"app": self.app, "redis_c": self.client, "extension": self},
+            prefix=self.settings.key_prefix,
+            gate_factory=self._new_gate,
+        )
+        scheduler.load(self.settings.slots)
+        both = sorted(set(scheduler.gates) & set(self.settings.limits))
+        if both:
+            raise ConfigurationError(
+                f"semaphore {both[0]!r} is sized by semaphore_limits and by semaphore_slots; "
+                "define its slots in one of them"
+            )
+        return scheduler
+
+    def _new_gate(self, name: str, limit: int, lease_s: float) -> Gate:
+        return Gate(
+            self.client,
+            self.scripts,
+            name,
+            limit,
+            lease_s,
+            prefix=self.settings.key_prefix,
+            url=maybe_sanitize_url(self.settings.redis_url),
+            dedupe_window_s=self.settings.dedupe_window_s,
+        )
+
     def gate(self, name: str) -> Gate:
         """The :class:`Gate` of semaphore ``name`` (built once per process)."""
-        gate = self._gates.get(name)
+        gate = self.scheduler.gate(name)
         if gate is None:
             with self._gates_lock:
-                gate = self._gates.get(name)
-                if gate is None:
-                    lease = self.settings.lease_s
-                    gate = Gate(
-                        self.client,
-                        self.scripts,
-                        name,
-                        self.limit_of(name),
-                        lease,
-                        prefix=self.settings.key_prefix,
-                        url=maybe_sanitize_url(self.settings.redis_url),
-                    )
-                    self._gates[name] = gate
+                gate = self.scheduler.gate(name) or self.scheduler.add_semaphore(
+                    name, self.limit_of(name), self.settings.lease_s
+                )
         return gate
 
     # -- publishing ------------------------------------------------------------------------
@@ -259,10 +285,8 @@ class Extension:
 
     def release(self, gate_name: str, task_id: str, fence: int | None) -> bool:
         """Free a call's slot and publish the calls handed a slot; returns whether one was freed."""
-        released, grants, malformed = self.gate(gate_name).release(task_id, fence)
-        self._report_malformed(gate_name, malformed)
-        self.dispatch(gate_name, grants)
-        return released
+        self.gate(gate_name)
+        return self.scheduler.stop(task_id, semaphore=gate_name, fence=fence)
 
     def dispatch(self, gate_name: str, grants: list[Grant]) -> int:
         """Publish handed-off calls; returns how many were published.
@@ -289,15 +313,6 @@ class Extension:
                     )
         return sent
 
-    def _report_malformed(self, gate_name: str, malformed: list[Malformed]) -> None:
-        for entry in malformed:
-            logger.error(
-                "semaphore %r: dropped malformed parked entry %s: %r",
-                gate_name,
-                entry.task_id,
-                entry.raw[:200],
-            )
-
     # -- keepalive and tick ----------------------------------------------------------------
 
     def keepalive_interval(self) -> float:
@@ -310,36 +325,27 @@ class Extension:
         """Renew the leases of ``{gate: [call ids]}``; returns the calls whose lease was lost."""
         lost: list[str] = []
         for gate_name, ids in calls.items():
-            lost += self.gate(gate_name).keepalive(ids)
+            gone, backends = self.gate(gate_name).keepalive(ids)
+            lost += gone
+            for task_id, backend_name in backends.items():
+                backend = self.scheduler.backend(gate_name, backend_name)
+                if backend is not None:
+                    backend.keepalive_callback(task_id)
         return lost
 
     def tick(self) -> dict[str, Any]:
-        """Reclaim expired leases and dispatch parked calls into free slots, for every gate.
+        """Reclaim expired leases, fire timeout callbacks, fill free slots, for every semaphore.
 
         Two ticks at once are harmless: each expired lease and each free slot is taken by
         exactly one script run.
         """
-        summary: dict[str, Any] = {}
         for name in self.known_gates():
-            reclaimed, grants, malformed = self.gate(name).reclaim()
-            for r in reclaimed:
-                logger.warning(
-                    "semaphore %r: reclaimed the expired lease of call %s (state %s, runner %s); "
-                    "its worker died or stopped renewing it",
-                    name,
-                    r.task_id,
-                    r.state,
-                    r.runner or "-",
-                )
-            self._report_malformed(name, malformed)
-            sent = self.dispatch(name, grants)
-            summary[name] = {"reclaimed": len(reclaimed), "dispatched": sent}
-        return summary
-
-    def iter_gates(self) -> Iterator[Gate]:
-        """Every known gate."""
-        for name in self.known_gates():
-            yield self.gate(name)
+            try:
+                self.gate(name)
+            except ConfigurationError:
+                # One misconfigured semaphore must not stop the others' recovery.
+                logger.exception("semaphore %r: skipped by the tick", name)
+        return self.scheduler.schedule()
 
 
 def _delay_ms(eta: Any) -> int:

@@ -1,13 +1,14 @@
 """A semaphore held in Redis: key names and every state change through one Lua script.
 
-No Celery import here: a :class:`Gate` knows call ids, leases and opaque messages, so the
-Celery layer, the Scheduler and the tests all drive the same object.
+No Celery import here: a :class:`Gate` knows call ids, slots, leases and opaque messages, so
+the Celery layer, the :class:`~celery_semaphore.Scheduler` and the tests drive the same object.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -16,7 +17,21 @@ import redis
 from .errors import RedisUnavailable
 from .scripts import Scripts, code_of
 
-__all__ = ["Acquired", "Gate", "Grant", "Reclaimed", "Started", "keys_for"]
+__all__ = [
+    "Acquired",
+    "Started",
+    "Claimed",
+    "Grant",
+    "Release",
+    "Reclaimed",
+    "Malformed",
+    "Gate",
+    "keys_for",
+    "DEFAULT_DEDUPE_WINDOW_S",
+]
+
+#: How long a call that was delivered more than once is remembered after its end.
+DEFAULT_DEDUPE_WINDOW_S = 3600.0
 
 
 class Acquired(enum.IntEnum):
@@ -36,11 +51,21 @@ class Started(enum.IntEnum):
     REPARKED = 5  # the call's grant expired and it waits in the queue again
     REGRANTED = 6  # the call had lost its slot and took a free one
     LOST = 7  # the call holds no slot and none is free
+    ENDED = 8  # the call already ran to its end: a late copy
 
     @property
     def runs(self) -> bool:
         """Whether the run may go ahead."""
         return self in (Started.RUN, Started.REGRANTED)
+
+
+class Claimed(enum.IntEnum):
+    """What :meth:`Gate.claim` did."""
+
+    CLAIMED = 1
+    SLOT_BUSY = 9
+    ALREADY_HELD = 10
+    RECOVERING = 11
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +75,25 @@ class Grant:
     task_id: str
     fence: int
     message: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Malformed:
+    """A parked entry that could not be published (no readable record or message)."""
+
+    task_id: str
+    raw: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Release:
+    """The outcome of :meth:`Gate.release`."""
+
+    released: bool
+    backend: str  # the backend that started the call ("" for a gated call)
+    slot: str  # the slot it held ("" when nothing was released)
+    grants: list[Grant]
+    malformed: list[Malformed]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,41 +109,37 @@ class Reclaimed:
     state: str
     runner: str
     fence: int
+    backend: str
+    slot: str
 
 
-@dataclasses.dataclass(frozen=True)
-class Malformed:
-    """A parked entry that could not be published (no readable record or message)."""
-
-    task_id: str
-    raw: bytes
-
-
-def keys_for(prefix: str, name: str) -> tuple[str, str, str, str, str]:
+def keys_for(prefix: str, name: str) -> tuple[str, ...]:
     """Return the Redis keys of semaphore ``name``; they share one hash tag for Redis Cluster."""
     tag = f"{{{prefix}:{name}}}"
-    return (f"{tag}:state", f"{tag}:holders", f"{tag}:meta", f"{tag}:queue", f"{tag}:calls")
+    return tuple(
+        f"{tag}:{part}" for part in ("state", "holders", "meta", "queue", "calls", "slots", "ended")
+    )
 
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _now_arg(now_ms: int | None) -> str:
-    return "" if now_ms is None else str(int(now_ms))
-
-
 class Gate:
-    """One semaphore: ``limit`` slots held as leases in Redis.
+    """One semaphore: slots held as leases in Redis.
+
+    Slots ``1..limit`` serve gated calls (a freed one is handed to the next parked call in
+    the same step); a :class:`~celery_semaphore.Scheduler` may add slots numbered above.
 
     Args:
         client: a redis-py client (``decode_responses=False``).
         scripts: the scripts registered on ``client``.
         name: the semaphore's name.
-        limit: number of slots.
+        limit: number of slots that serve gated calls.
         lease_s: seconds a slot stays held without a keepalive.
         prefix: first part of every key.
         url: the Redis URL, named in errors.
+        dedupe_window_s: how long a call delivered more than once is remembered after its end.
 
     Every method takes an optional ``now_ms`` so tests can drive the clock; by default the
     scripts read Redis ``TIME``.
@@ -114,6 +154,7 @@ class Gate:
         lease_s: float,
         prefix: str = "semaphore",
         url: str = "redis",
+        dedupe_window_s: float = DEFAULT_DEDUPE_WINDOW_S,
     ) -> None:
         self.client = client
         self.scripts = scripts
@@ -122,19 +163,29 @@ class Gate:
         self.lease_s = lease_s
         self.prefix = prefix
         self.url = url
+        self.dedupe_window_s = dedupe_window_s
         self.keys = keys_for(prefix, name)
+        #: The data set this gate last saw (see common.lua); a change means Redis lost data.
+        self.epoch = ""
+        self._recover_ms = int(lease_s * 1000)
 
     def __repr__(self) -> str:
         return f"<Gate {self.name!r} limit={self.limit} lease={self.lease_s}s>"
 
-    def _run(self, script: Any, args: Sequence[Any]) -> Any:
+    def _run(self, script: Any, now_ms: int | None, args: Sequence[Any]) -> Any:
+        head = ["" if now_ms is None else str(int(now_ms)), self.epoch, self._recover_ms]
         try:
-            return script(keys=self.keys, args=args)
+            reply = script(keys=self.keys, args=[*head, *args])
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise RedisUnavailable(self.url, exc) from exc
+        self.epoch = _text(reply[0])
+        return reply
 
     def _lease_ms(self, lease_s: float | None) -> int:
-        return int((self.lease_s if lease_s is None else lease_s) * 1000)
+        lease_ms = int((self.lease_s if lease_s is None else lease_s) * 1000)
+        # Recovery after lost data must outlast the longest lease this gate has handed out.
+        self._recover_ms = max(self._recover_ms, lease_ms)
+        return lease_ms
 
     def acquire(
         self,
@@ -148,67 +199,94 @@ class Gate:
         """Take a slot for ``task_id`` if one is free and no call waits, else park it.
 
         ``message`` is stored only when the call is parked; ``delay_ms`` (a countdown) delays
-        the start of the lease. Returns the outcome and the
-        fence (granted, held) or the number of parked calls (parked).
+        the start of the lease. Returns the outcome and the fence (granted, held) or the
+        number of parked calls (parked).
         """
         reply = self._run(
             self.scripts.acquire,
-            [
-                _now_arg(now_ms),
-                task_id,
-                self.limit,
-                self._lease_ms(lease_s),
-                int(delay_ms),
-                message,
-            ],
+            now_ms,
+            [task_id, self.limit, self._lease_ms(lease_s), int(delay_ms), message],
         )
-        return Acquired(code_of("acquire", reply, (0, 1, 2, 3))), int(reply[1])
+        return Acquired(code_of("acquire", reply, (0, 1, 2, 3))), int(reply[2])
 
     def start(
         self, task_id: str, runner: str, *, lease_s: float | None = None, now_ms: int | None = None
-    ) -> tuple[Started, int]:
-        """Mark ``task_id`` running under ``runner``; returns the verdict and the fence."""
+    ) -> tuple[Started, int, str]:
+        """Mark ``task_id`` running under ``runner``.
+
+        Returns the verdict, the fence, and the name of the backend that started the call
+        (``""`` for a gated call).
+        """
         reply = self._run(
-            self.scripts.start,
-            [_now_arg(now_ms), task_id, self.limit, self._lease_ms(lease_s), runner],
+            self.scripts.start, now_ms, [task_id, self.limit, self._lease_ms(lease_s), runner]
         )
-        return Started(code_of("start", reply, (1, 4, 5, 6, 7))), int(reply[1])
+        verdict = Started(code_of("start", reply, (1, 4, 5, 6, 7, 8)))
+        return verdict, int(reply[2]), _text(reply[3])
 
     def release(
         self, task_id: str, fence: int | None = None, *, now_ms: int | None = None
-    ) -> tuple[bool, list[Grant], list[Malformed]]:
-        """Free the slot of ``task_id`` (of grant ``fence`` if given) and hand off free slots.
-
-        Returns whether a slot was freed, the calls handed a slot (to publish) and any
-        malformed parked entries that were moved out of the queue.
-        """
+    ) -> Release:
+        """Free the slot of ``task_id`` (of grant ``fence`` if given) and hand off free slots."""
         fence_arg = "" if fence is None else str(int(fence))
-        reply = self._run(self.scripts.release, [_now_arg(now_ms), task_id, fence_arg, self.limit])
-        grants, malformed = _split_grants(reply[1:])
-        return bool(int(reply[0])), grants, malformed
+        window_ms = int(self.dedupe_window_s * 1000)
+        reply = self._run(self.scripts.release, now_ms, [task_id, fence_arg, self.limit, window_ms])
+        grants, malformed = _split_grants(reply[4:])
+        return Release(bool(int(reply[1])), _text(reply[2]), _text(reply[3]), grants, malformed)
 
-    def keepalive(self, task_ids: Iterable[str], *, now_ms: int | None = None) -> list[str]:
-        """Renew the leases of ``task_ids``; returns those that hold no slot any more."""
+    def keepalive(
+        self, task_ids: Iterable[str], *, now_ms: int | None = None
+    ) -> tuple[list[str], dict[str, str]]:
+        """Renew the leases of ``task_ids``.
+
+        Returns the ids that hold no slot any more, and ``{id: backend}`` of the renewed ones
+        that a scheduler backend started.
+        """
         ids = list(task_ids)
         if not ids:
-            return []
-        reply = self._run(self.scripts.keepalive, [_now_arg(now_ms), *ids])
-        return [_text(x) for x in reply]
+            return [], {}
+        reply = self._run(self.scripts.keepalive, now_ms, [self.limit, self._lease_ms(None), *ids])
+        kept = reply[2]
+        backends = {_text(kept[i]): _text(kept[i + 1]) for i in range(0, len(kept), 2)}
+        return [_text(x) for x in reply[1]], backends
 
     def reclaim(
         self, *, batch: int = 1000, now_ms: int | None = None
     ) -> tuple[list[Reclaimed], list[Grant], list[Malformed]]:
         """Take back expired leases, then hand free slots to parked calls."""
-        reply = self._run(self.scripts.reclaim, [_now_arg(now_ms), self.limit, int(batch)])
-        reclaimed = [Reclaimed(_text(i), _text(s), _text(w), int(f)) for i, s, w, f in reply[0]]
-        grants, malformed = _split_grants(reply[1])
+        reply = self._run(self.scripts.reclaim, now_ms, [self.limit, int(batch)])
+        reclaimed = [
+            Reclaimed(_text(i), _text(s), _text(w), int(f), _text(b), _text(n))
+            for i, s, w, f, b, n in reply[1]
+        ]
+        grants, malformed = _split_grants(reply[2])
         return reclaimed, grants, malformed
+
+    def claim(
+        self,
+        slot: int | str,
+        task_id: str,
+        backend: str,
+        *,
+        lease_s: float | None = None,
+        now_ms: int | None = None,
+    ) -> tuple[Claimed, int, bytes]:
+        """Give slot ``slot`` to ``task_id``, a call that backend ``backend`` handed over.
+
+        Returns the outcome, the fence, and the parked message when the call was a parked
+        gated call (else ``b""``).
+        """
+        reply = self._run(
+            self.scripts.claim, now_ms, [str(slot), task_id, self._lease_ms(lease_s), backend]
+        )
+        outcome = Claimed(code_of("claim", reply, (1, 9, 10, 11)))
+        message = reply[3] if isinstance(reply[3], bytes) else str(reply[3]).encode()
+        return outcome, int(reply[2]), message
 
     def cancel(self, task_id: str) -> bool:
         """Remove ``task_id`` from the queue if it is parked; returns whether it was."""
-        return bool(self._run(self.scripts.cancel, [task_id]))
+        return bool(int(self._run(self.scripts.cancel, None, [task_id])[1]))
 
-    # Read-only views, for status displays and tests.
+    # Read-only views, for status displays, schedulers and tests.
 
     def held(self) -> int:
         """Number of slots held now (expired leases included until reclaimed)."""
@@ -222,6 +300,23 @@ class Gate:
         """Call id -> lease deadline (ms) of every holder."""
         pairs = self._call(self.client.zrange, self.keys[1], 0, -1, withscores=True)
         return {_text(k): int(v) for k, v in pairs}
+
+    def slots(self) -> dict[str, str]:
+        """Slot number -> call id of every held slot."""
+        return {
+            _text(k): _text(v) for k, v in self._call(self.client.hgetall, self.keys[5]).items()
+        }
+
+    def holds(self, task_id: str, fence: int | None = None) -> bool:
+        """Whether ``task_id`` holds a slot now (under grant ``fence``, if given)."""
+        raw = self._call(self.client.hget, self.keys[2], task_id)
+        if raw is None:
+            return False
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            return False
+        return record.get("s") in ("g", "r") and (fence is None or record.get("f") == fence)
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:

@@ -17,7 +17,7 @@ from .errors import ScriptError
 
 __all__ = ["NAMES", "Scripts", "source"]
 
-NAMES = ("acquire", "start", "release", "keepalive", "reclaim", "cancel")
+NAMES = ("acquire", "start", "release", "keepalive", "reclaim", "claim", "cancel")
 
 
 @functools.cache
@@ -36,6 +36,7 @@ class Scripts:
     release: Script
     keepalive: Script
     reclaim: Script
+    claim: Script
     cancel: Script
 
     def __init__(self, client: redis.Redis) -> None:
@@ -44,8 +45,11 @@ class Scripts:
 
 
 def code_of(script: str, reply: Any, known: tuple[int, ...]) -> int:
-    """Return the status code at the head of a script's reply, or raise ScriptError."""
-    code = int(reply[0]) if isinstance(reply, list) and reply else reply
+    """Return the status code of a script's reply (after the epoch), or raise ScriptError."""
+    try:
+        code = int(reply[1])
+    except (TypeError, ValueError, IndexError):
+        raise ScriptError(script, reply) from None
     if code not in known:
         raise ScriptError(script, reply)
     return code

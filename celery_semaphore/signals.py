@@ -67,6 +67,11 @@ def refuse_if_denied() -> None:
     verdict = getattr(request, "semaphore_verdict", None)
     if verdict is None or verdict.runs:
         return
+    if verdict is Started.DUPLICATE and _allows_duplicates(task):
+        logger.warning(
+            "semaphore: call %s runs twice at once (semaphore_duplicates=allow)", request.id
+        )
+        return
     if verdict is Started.LOST:
         # The call lost its slot and none is free: send it through the gate again under the
         # same id, so the call is not lost, and skip this run.
@@ -76,7 +81,32 @@ def refuse_if_denied() -> None:
         logger.warning(
             "semaphore: call %s already runs elsewhere; duplicate run skipped", request.id
         )
+    elif verdict is Started.ENDED:
+        logger.warning("semaphore: call %s already ran to its end; late copy skipped", request.id)
     raise Ignore()
+
+
+def _allows_duplicates(task: Any) -> bool:
+    ext = _ext_for(task)
+    return ext is not None and ext.settings.duplicates == "allow"
+
+
+def holds_slot() -> bool:
+    """Whether the gated task running now still holds its slot (one Redis round trip).
+
+    A task that must not act after losing its lease (a long pause, a lost keepalive) can
+    check before a side effect; :func:`current_fence` guards writes to systems that can
+    compare fences. ``True`` outside a gated run.
+    """
+    task = get_current_task()
+    if task is None:
+        return True
+    request = task.request
+    name = gate_of_request(request)
+    ext = _ext_for(task)
+    if name is None or ext is None:
+        return True
+    return bool(ext.gate(name).holds(request.id, getattr(request, "semaphore_fence", None)))
 
 
 def _ext_for(task: Any) -> Any:
@@ -92,9 +122,13 @@ def on_prerun(sender: Any = None, task_id: str | None = None, task: Any = None, 
     ext = _ext_for(task)
     if name is None or ext is None:
         return
-    verdict, fence = ext.gate(name).start(task_id, _runner())
+    verdict, fence, backend_name = ext.gate(name).start(task_id, _runner())
     request.semaphore_verdict = verdict
     request.semaphore_fence = fence if verdict.runs else None
+    if verdict.runs and backend_name:
+        backend = ext.scheduler.backend(name, backend_name)
+        if backend is not None:
+            backend.keepalive_callback(task_id)
 
 
 def on_postrun(

@@ -17,8 +17,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_the_demo_runs_a_real_worker_and_reports_the_peak_it_saw(redis_base: str) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "celery_semaphore", "demo", "--calls", "16", "--limit", "4",
-         "--redis-url", f"{redis_base}/5"],
+        [
+            sys.executable,
+            "-m",
+            "celery_semaphore",
+            "demo",
+            "--calls",
+            "16",
+            "--limit",
+            "4",
+            "--redis-url",
+            f"{redis_base}/5",
+        ],
         capture_output=True,
         text=True,
         timeout=120,

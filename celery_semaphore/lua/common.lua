@@ -1,19 +1,27 @@
 -- common: helpers prepended to every script by scripts.py (Lua has no include in Redis).
 --
--- Key schema of one semaphore G, all keys sharing the hash tag {prefix:G}:
---   KEYS[1] {prefix:G}:state    hash  fence -> last fencing number, seq -> last park sequence,
---                                     limit -> optional override of the configured limit
+-- Key schema of one semaphore G; every key shares the hash tag {prefix:G} (Redis Cluster):
+--   KEYS[1] {prefix:G}:state    hash  epoch -> when this data set began (ms), fence -> last fencing
+--                                     number, seq -> last park sequence, limit -> optional
+--                                     override (resize), recover_until -> end of a recovery (ms)
 --   KEYS[2] {prefix:G}:holders  zset  call id -> lease deadline (ms, Redis TIME)
 --   KEYS[3] {prefix:G}:meta     hash  call id -> JSON record of a parked or holding call:
---                                     s state (p parked, g granted, r running), f fence,
---                                     l lease ms, q queue score, e eta ms, w runner, x re-parked count
---   KEYS[4] {prefix:G}:queue    zset  parked call id -> score (park order)
+--                                     s state (p parked, g granted, r running), f fence, n slot,
+--                                     b backend, l lease ms, q park order, e eta ms, w runner,
+--                                     x times parked again, d seen twice
+--   KEYS[4] {prefix:G}:queue    zset  parked call id -> park order
 --   KEYS[5] {prefix:G}:calls    hash  call id -> message to publish (opaque to Lua); kept for a
 --                                     parked call and for a handed-off call until it starts
--- Per-call data lives only as fields of these keys, so a gate at rest has just its state hash.
+--   KEYS[6] {prefix:G}:slots    hash  slot number -> call id holding it
+--   KEYS[7] {prefix:G}:ended    zset  call id -> end time (ms) of calls that were delivered more
+--                                     than once, kept for a window so a late copy is refused
+-- Every script takes ARGV[1] now_ms ('' for Redis TIME), ARGV[2] the epoch the client saw last
+-- ('' if none), ARGV[3] recovery ms (the longest lease); its own arguments follow. Every reply
+-- starts with the current epoch.
 if redis.replicate_commands then redis.replicate_commands() end
 
-local K_STATE, K_HOLDERS, K_META, K_QUEUE, K_CALLS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local K_STATE, K_HOLDERS, K_META, K_QUEUE = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local K_CALLS, K_SLOTS, K_ENDED = KEYS[5], KEYS[6], KEYS[7]
 
 -- One clock for every host: Redis TIME, unless a test passes an explicit time.
 local function clock(arg)
@@ -22,11 +30,47 @@ local function clock(arg)
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+local NOW = clock(ARGV[1])
+
+-- A client that saw another epoch (or none where it expected one) means the data set was
+-- lost (restart without persistence, flush): slots held by calls still running are unknown,
+-- so the gate admits nothing new until they re-register or the longest lease has passed.
+local EPOCH = redis.call('HGET', K_STATE, 'epoch')
+if not EPOCH then
+  EPOCH = tostring(NOW)
+  redis.call('HSET', K_STATE, 'epoch', EPOCH)
+end
+if ARGV[2] ~= '' and ARGV[2] ~= EPOCH and redis.call('HSETNX', K_STATE, 'lost:' .. ARGV[2], NOW) == 1 then
+  redis.call('HSET', K_STATE, 'recover_until', NOW + tonumber(ARGV[3]))
+end
+
+local function recovering()
+  local until_ms = redis.call('HGET', K_STATE, 'recover_until')
+  if not until_ms then return false end
+  if tonumber(until_ms) > NOW then return true end
+  redis.call('HDEL', K_STATE, 'recover_until')
+  return false
+end
+
 -- An operator's override (resize) wins over the limit the caller was configured with.
 local function gate_limit(configured)
   local override = redis.call('HGET', K_STATE, 'limit')
   if override then return tonumber(override) end
   return tonumber(configured)
+end
+
+-- The lowest free slot among 1..limit, the slots that serve parked calls first.
+local function free_slot(limit)
+  for i = 1, limit do
+    if redis.call('HEXISTS', K_SLOTS, i) == 0 then return tostring(i) end
+  end
+  return nil
+end
+
+-- A slot a new call may take now: none while recovering from lost data.
+local function admit(limit)
+  if recovering() then return nil end
+  return free_slot(limit)
 end
 
 local function load(id)
@@ -41,42 +85,53 @@ local function save(id, rec)
   redis.call('HSET', K_META, id, cjson.encode(rec))
 end
 
-local function forget(id)
+local function forget(id, rec)
+  if rec and rec.n then
+    if redis.call('HGET', K_SLOTS, rec.n) == id then redis.call('HDEL', K_SLOTS, rec.n) end
+  elseif rec == false then
+    -- An unreadable record does not say its slot: look for it.
+    local all = redis.call('HGETALL', K_SLOTS)
+    for i = 1, #all, 2 do
+      if all[i + 1] == id then redis.call('HDEL', K_SLOTS, all[i]) end
+    end
+  end
   redis.call('ZREM', K_HOLDERS, id)
   redis.call('ZREM', K_QUEUE, id)
   redis.call('HDEL', K_META, id)
   redis.call('HDEL', K_CALLS, id)
 end
 
--- Make rec the holder of a slot, with a fencing number that only grows per gate.
-local function grant(id, rec, now, state)
+-- Make rec the holder of slot, with a fencing number that only grows per gate.
+local function grant(id, rec, state, slot)
   rec.f = redis.call('HINCRBY', K_STATE, 'fence', 1)
   rec.s = state
-  local start = now
-  if rec.e and rec.e > now then start = rec.e end
+  rec.n = slot
+  redis.call('HSET', K_SLOTS, slot, id)
+  local start = NOW
+  if rec.e and rec.e > NOW then start = rec.e end
   redis.call('ZADD', K_HOLDERS, start + rec.l, id)
   save(id, rec)
   return rec.f
 end
 
--- Hand free slots to parked calls in queue order; append {id, fence, message} per grant.
--- A parked entry without a readable record or message cannot be published: it is moved
--- to the malformed list (returned as {id, -1, raw}) so the caller can log it.
-local function handoff(limit, now, out)
-  while redis.call('ZCARD', K_HOLDERS) < limit do
-    local head = redis.call('ZRANGE', K_QUEUE, 0, 0)
-    if #head == 0 then break end
-    local id = head[1]
-    redis.call('ZREM', K_QUEUE, id)
+-- Hand free slots (1..limit) to parked calls in queue order; append {id, fence, message} per
+-- grant. A parked entry without a readable record or message cannot be published: it leaves
+-- the queue and is returned as {id, -1, raw} for the caller to log.
+local function handoff(limit, out)
+  if recovering() then return out end
+  while redis.call('ZCARD', K_QUEUE) > 0 do
+    local slot = free_slot(limit)
+    if not slot then break end
+    local id = redis.call('ZRANGE', K_QUEUE, 0, 0)[1]
     local rec = load(id)
     local message = redis.call('HGET', K_CALLS, id)
     if not rec or not message then
       local raw = redis.call('HGET', K_META, id) or ''
-      redis.call('HDEL', K_META, id)
-      redis.call('HDEL', K_CALLS, id)
+      forget(id, rec)
       out[#out + 1] = {id, -1, raw}
     else
-      out[#out + 1] = {id, grant(id, rec, now, 'g'), message}
+      redis.call('ZREM', K_QUEUE, id)
+      out[#out + 1] = {id, grant(id, rec, 'g', slot), message}
     end
   end
   return out

@@ -1,28 +1,28 @@
 -- reclaim: take back slots whose lease expired, then hand free slots to parked calls.
--- KEYS    see common.lua
--- ARGV[1] now_ms     int or ''
--- ARGV[2] limit      int
--- ARGV[3] batch      int, most leases reclaimed in one call
--- Returns {{id, state, runner, fence}...reclaimed, {id, fence, message}...handed off}.
+-- ARGV[1..3] see common.lua
+-- ARGV[4] limit      int
+-- ARGV[5] batch      int, most leases reclaimed in one call
+-- Returns {epoch, {{id, state, runner, fence, backend, slot}...}, {{id, fence, message}...}}.
 -- A handed-off call that never started (its publisher may have died) still has its message:
 -- it is parked again at its old place instead of being dropped, so an accepted call is not lost.
-local now = clock(ARGV[1])
-local expired = redis.call('ZRANGEBYSCORE', K_HOLDERS, '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
+local expired = redis.call('ZRANGEBYSCORE', K_HOLDERS, '-inf', NOW, 'LIMIT', 0, tonumber(ARGV[5]))
 local reclaimed = {}
 for _, id in ipairs(expired) do
   local rec = load(id)
   if rec and rec.s == 'g' and rec.q and redis.call('HEXISTS', K_CALLS, id) == 1 then
+    if rec.n and redis.call('HGET', K_SLOTS, rec.n) == id then redis.call('HDEL', K_SLOTS, rec.n) end
     redis.call('ZREM', K_HOLDERS, id)
+    reclaimed[#reclaimed + 1] = {id, 'parked', rec.w or '', rec.f, rec.b or '', rec.n or ''}
     rec.s = 'p'
+    rec.n = nil
     rec.x = (rec.x or 0) + 1
     save(id, rec)
     redis.call('ZADD', K_QUEUE, rec.q, id)
-    reclaimed[#reclaimed + 1] = {id, 'parked', '', rec.f}
   else
-    local state, runner, fence = 'malformed', '', 0
-    if rec then state, runner, fence = rec.s, rec.w or '', rec.f end
-    forget(id)
-    reclaimed[#reclaimed + 1] = {id, state, runner, fence}
+    local row = {id, 'malformed', '', 0, '', ''}
+    if rec then row = {id, rec.s, rec.w or '', rec.f, rec.b or '', rec.n or ''} end
+    forget(id, rec)
+    reclaimed[#reclaimed + 1] = row
   end
 end
-return {reclaimed, handoff(gate_limit(ARGV[2]), now, {})}
+return {EPOCH, reclaimed, handoff(gate_limit(ARGV[4]), {})}

@@ -1,47 +1,54 @@
--- start: a worker begins running a call; mark it running and renew its lease.
--- KEYS    see common.lua
--- ARGV[1] now_ms     int or ''
--- ARGV[2] call id
--- ARGV[3] limit      int
--- ARGV[4] lease_ms   int, used when the call has to take a slot again
--- ARGV[5] runner     who runs it (host and pid), to tell a second live execution apart
--- Returns {1, fence} run it,
---         {4, fence} the call already runs elsewhere: a duplicate delivery, do not run,
---         {5, 0}     the call is parked again (its grant expired): skip, it will be sent again,
---         {6, fence} the call held no slot (reclaimed or lost) and took a free one: run it,
---         {7, 0}     the call holds no slot and none is free: send it through the gate again.
-local now = clock(ARGV[1])
-local id = ARGV[2]
-local limit = gate_limit(ARGV[3])
-local lease_ms = tonumber(ARGV[4])
+-- start: a worker begins running a call; mark it running and renew its lease (a keepalive).
+-- ARGV[1..3] see common.lua
+-- ARGV[4] call id
+-- ARGV[5] limit      int
+-- ARGV[6] lease_ms   int, used when the call has to take a slot again
+-- ARGV[7] runner     who runs it (host and pid), to tell a second live execution apart
+-- Returns {epoch, code, fence, backend}; code:
+--   1 run it;  6 the call had lost its slot and took a free one: run it;
+--   4 the call runs elsewhere right now: a duplicate delivery, do not run;
+--   5 the call's grant expired and it is parked again: skip, it will be sent again;
+--   7 the call holds no slot and none is free: send it through the gate again;
+--   8 the call already ran to its end (a late duplicate delivery): do not run.
+local id = ARGV[4]
+local limit = gate_limit(ARGV[5])
 
 local rec = load(id)
 if rec == false then
-  forget(id)
+  forget(id, rec)
   rec = nil
 end
 if rec then
-  if rec.s == 'r' then return {4, rec.f} end
+  local backend = rec.b or ''
+  if rec.s == 'r' then
+    rec.d = 1
+    save(id, rec)
+    return {EPOCH, 4, rec.f, backend}
+  end
   if rec.s == 'p' then
     -- A late copy of a call whose grant expired: it may run now only if a slot is free.
-    if redis.call('ZCARD', K_HOLDERS) >= limit then return {5, 0} end
+    local slot = admit(limit)
+    if not slot then return {EPOCH, 5, 0, backend} end
     redis.call('ZREM', K_QUEUE, id)
+    redis.call('HDEL', K_CALLS, id)
     rec.e = 0
+    rec.w = ARGV[7]
+    return {EPOCH, 1, grant(id, rec, 'r', slot), backend}
   end
-  rec.w = ARGV[5]
-  if rec.s == 'p' then
-    grant(id, rec, now, 'r')
-  else
-    rec.s = 'r'
-    rec.e = 0
-    save(id, rec)
-    redis.call('ZADD', K_HOLDERS, now + rec.l, id)
-  end
+  rec.s = 'r'
+  rec.e = 0
+  rec.w = ARGV[7]
+  save(id, rec)
+  redis.call('ZADD', K_HOLDERS, NOW + rec.l, id)
   redis.call('HDEL', K_CALLS, id)
-  return {1, rec.f}
+  return {EPOCH, 1, rec.f, backend}
 end
 
-if redis.call('ZCARD', K_HOLDERS) < limit and redis.call('ZCARD', K_QUEUE) == 0 then
-  return {6, grant(id, {l = lease_ms, e = 0, x = 0, w = ARGV[5]}, now, 'r')}
+if redis.call('ZSCORE', K_ENDED, id) then return {EPOCH, 8, 0, ''} end
+if redis.call('ZCARD', K_QUEUE) == 0 then
+  local slot = admit(limit)
+  if slot then
+    return {EPOCH, 6, grant(id, {l = tonumber(ARGV[6]), e = 0, x = 1, w = ARGV[7]}, 'r', slot), ''}
+  end
 end
-return {7, 0}
+return {EPOCH, 7, 0, ''}
