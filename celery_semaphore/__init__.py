@@ -8,7 +8,7 @@ from __future__ import annotations
 from .backends import AbstractBackend, GatedCalls, TaskBackend
 from .decorator import GateSpec, gated
 from .errors import ConfigurationError, LeaseLost, RedisUnavailable, ScriptError, SemaphoreError
-from .extension import TICK_TASK, Extension, extension_for, install
+from .extension import TICK_TASK, Extension, cancel, extension_for, install
 from .gate import Acquired, Gate, Started
 from .scheduler import Scheduler
 from .signals import current_fence, holds_slot
@@ -20,6 +20,7 @@ __all__ = [
     # decorating and installing
     "gated",
     "install",
+    "cancel",
     "extension_for",
     "current_fence",
     "holds_slot",

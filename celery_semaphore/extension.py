@@ -8,6 +8,7 @@ task and its beat entry. Everything is idempotent; importing the package does no
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from datetime import UTC, datetime
@@ -254,10 +255,14 @@ class Extension:
             return self._original()(producer, name, message, **options)
         gate = self.gate(spec.gate or name)
         headers[signals.HEADER] = gate.name
+        # Not published: a backup must not look like one when it finally runs and retries.
+        backup = headers.pop(signals.BACKUP_HEADER, None) == "1"
         delay_ms = _delay_ms(headers.get("eta"))
 
         def on_task(real_producer: Any, envelope: Envelope) -> Any:
-            return self._publish_gated(gate, spec, headers["id"], delay_ms, real_producer, envelope)
+            return self._publish_gated(
+                gate, spec, headers["id"], delay_ms, backup, real_producer, envelope
+            )
 
         return self._original()(CapturingProducer(producer, on_task), name, message, **options)
 
@@ -267,14 +272,15 @@ class Extension:
         spec: GateSpec,
         task_id: str,
         delay_ms: int,
+        backup: bool,
         producer: Any,
         envelope: Envelope,
     ) -> Any:
         outcome, _ = gate.acquire(
-            task_id, envelope.encode(), delay_ms=delay_ms, lease_s=spec.lease_s
+            task_id, envelope.encode(), delay_ms=delay_ms, lease_s=spec.lease_s, backup=backup
         )
-        if outcome in (Acquired.PARKED, Acquired.ALREADY_PARKED):
-            return None
+        if outcome not in (Acquired.GRANTED, Acquired.HELD):
+            return None  # parked, or kept as a backup: published when a slot is handed over
         try:
             return envelope.publish(producer, envelope.declare)
         except BaseException:
@@ -287,6 +293,19 @@ class Extension:
         """Free a call's slot and publish the calls handed a slot; returns whether one was freed."""
         self.gate(gate_name)
         return self.scheduler.stop(task_id, semaphore=gate_name, fence=fence)
+
+    def cancel(self, task_id: str) -> bool:
+        """Remove a parked call and record it as REVOKED; returns whether it was parked.
+
+        A call that already holds a slot is not affected: revoke it with Celery as usual.
+        """
+        for name in self.known_gates():
+            if self.gate(name).cancel(task_id):
+                # Without a result backend there is nowhere to record it.
+                with contextlib.suppress(NotImplementedError):
+                    self.app.backend.mark_as_revoked(task_id, reason="cancelled while parked")
+                return True
+        return False
 
     def dispatch(self, gate_name: str, grants: list[Grant]) -> int:
         """Publish handed-off calls; returns how many were published.
@@ -302,6 +321,16 @@ class Extension:
             for grant in grants:
                 try:
                     envelope = Envelope.decode(grant.message)
+                except ValueError:
+                    logger.error(
+                        "semaphore %r: call %s has an unreadable message; moved aside",
+                        gate_name,
+                        grant.task_id,
+                    )
+                    self.gate(gate_name).set_aside(grant.task_id, grant.message)
+                    self.release(gate_name, grant.task_id, grant.fence)
+                    continue
+                try:
                     envelope.publish(producer, [queues[q] for q in envelope.queues])
                     sent += 1
                 except Exception:
@@ -346,6 +375,23 @@ class Extension:
                 # One misconfigured semaphore must not stop the others' recovery.
                 logger.exception("semaphore %r: skipped by the tick", name)
         return self.scheduler.schedule()
+
+
+def cancel(result: Any, app: Celery | None = None) -> bool:
+    """Cancel a parked call: it leaves the queue and its result is recorded as REVOKED.
+
+    Args:
+        result: the call's ``AsyncResult`` or task id.
+        app: the Celery app (default: the result's app, else the current app).
+
+    Returns:
+        Whether the call was parked (and is now cancelled).
+    """
+    from celery import current_app
+
+    app = app or getattr(result, "app", None) or current_app._get_current_object()
+    ext = extension_for(app)
+    return ext.cancel(str(getattr(result, "id", result))) if ext is not None else False
 
 
 def _delay_ms(eta: Any) -> int:

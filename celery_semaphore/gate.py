@@ -41,6 +41,8 @@ class Acquired(enum.IntEnum):
     GRANTED = 1
     HELD = 2  # the call already held a slot (a retry): it keeps it
     ALREADY_PARKED = 3
+    BACKED_UP = 4  # a refused second execution, kept until the running one ends or dies
+    DROPPED = 5  # a backup of a call that already ended
 
 
 class Started(enum.IntEnum):
@@ -117,7 +119,8 @@ def keys_for(prefix: str, name: str) -> tuple[str, ...]:
     """Return the Redis keys of semaphore ``name``; they share one hash tag for Redis Cluster."""
     tag = f"{{{prefix}:{name}}}"
     return tuple(
-        f"{tag}:{part}" for part in ("state", "holders", "meta", "queue", "calls", "slots", "ended")
+        f"{tag}:{part}"
+        for part in ("state", "holders", "meta", "queue", "calls", "slots", "ended", "aside")
     )
 
 
@@ -194,20 +197,22 @@ class Gate:
         *,
         delay_ms: int = 0,
         lease_s: float | None = None,
+        backup: bool = False,
         now_ms: int | None = None,
     ) -> tuple[Acquired, int]:
         """Take a slot for ``task_id`` if one is free and no call waits, else park it.
 
         ``message`` is stored only when the call is parked; ``delay_ms`` (a countdown) delays
-        the start of the lease. Returns the outcome and the fence (granted, held) or the
-        number of parked calls (parked).
+        the start of the lease; ``backup`` marks a copy refused as a second live execution
+        (see acquire.lua). Returns the outcome and the fence (granted, held) or the number of
+        parked calls (parked).
         """
         reply = self._run(
             self.scripts.acquire,
             now_ms,
-            [task_id, self.limit, self._lease_ms(lease_s), int(delay_ms), message],
+            [task_id, self.limit, self._lease_ms(lease_s), int(delay_ms), message, int(backup)],
         )
-        return Acquired(code_of("acquire", reply, (0, 1, 2, 3))), int(reply[2])
+        return Acquired(code_of("acquire", reply, (0, 1, 2, 3, 4, 5))), int(reply[2])
 
     def start(
         self, task_id: str, runner: str, *, lease_s: float | None = None, now_ms: int | None = None
@@ -306,6 +311,14 @@ class Gate:
         return {
             _text(k): _text(v) for k, v in self._call(self.client.hgetall, self.keys[5]).items()
         }
+
+    def set_aside(self, task_id: str, raw: bytes) -> None:
+        """Keep an unpublishable entry for an operator (the caller then releases the call)."""
+        self._call(self.client.hset, self.keys[7], task_id, raw)
+
+    def aside(self) -> dict[str, bytes]:
+        """Call id -> raw entry of the parked entries that were moved aside as unreadable."""
+        return {_text(k): v for k, v in self._call(self.client.hgetall, self.keys[7]).items()}
 
     def holds(self, task_id: str, fence: int | None = None) -> bool:
         """Whether ``task_id`` holds a slot now (under grant ``fence``, if given)."""

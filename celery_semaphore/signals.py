@@ -25,6 +25,8 @@ logger = get_logger(__name__)
 
 #: Message header naming the semaphore a call holds a slot of; the task id is the token.
 HEADER = "semaphore_gate"
+#: Message header of a copy sent back as the backup of a call that runs elsewhere.
+BACKUP_HEADER = "semaphore_backup"
 
 _RUNNER = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -78,8 +80,13 @@ def refuse_if_denied() -> None:
         task.signature_from_request(request).apply_async()
         logger.warning("semaphore: call %s lost its slot; parked again", request.id)
     elif verdict is Started.DUPLICATE:
+        # The running execution may be alive (a visibility-timeout copy) or dead (a killed
+        # child whose message came back): keep this copy as a backup that runs only if the
+        # first one's lease expires, so the call is neither run twice nor lost.
+        headers = {**(request.headers or {}), BACKUP_HEADER: "1"}
+        task.signature_from_request(request, headers=headers).apply_async()
         logger.warning(
-            "semaphore: call %s already runs elsewhere; duplicate run skipped", request.id
+            "semaphore: call %s already runs elsewhere; this copy waits as its backup", request.id
         )
     elif verdict is Started.ENDED:
         logger.warning("semaphore: call %s already ran to its end; late copy skipped", request.id)
@@ -161,8 +168,15 @@ def on_failure(sender: Any = None, task_id: str | None = None, **_: Any) -> None
         ext.release(name, task_id, None)
 
 
-def on_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
-    """``task_revoked``: a revoked or terminated call gives its slot back."""
+def on_revoked(sender: Any = None, request: Any = None, terminated: bool = False, **_: Any) -> None:
+    """``task_revoked``: a call revoked before it ran (or expired) gives its slot back.
+
+    A terminated run is left to ``task_postrun(state=None)`` from the dying child (or to
+    lease expiry): releasing here, in the main process, could hand the slot over while the
+    child is still running.
+    """
+    if terminated:
+        return
     ext = _ext_for(sender)
     name = gate_of_request(request)
     if ext is not None and name is not None and getattr(request, "id", None):

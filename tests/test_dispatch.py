@@ -190,3 +190,22 @@ def test_a_parked_call_keeps_its_routing_and_options(make_app: Callable[..., Cel
     assert envelope["kw"]["headers"]["x-tenant"] == "acme"
     assert envelope["kw"]["headers"]["semaphore_gate"] == "work"
     assert envelope["kw"]["priority"] == 3
+
+
+def test_a_cancelled_parked_call_never_runs_and_its_result_says_revoked(
+    make_app: Callable[..., Celery],
+) -> None:
+    from celery_semaphore import cancel
+
+    app = make_app(limit=1)
+    work = app.tasks["proj.work"]
+    first = work.delay(50)
+    parked = work.delay(1)
+    assert cancel(parked) is True
+    assert cancel(parked) is False  # no longer parked
+    assert cancel(first) is False  # holds a slot: revoke it with Celery instead
+    with threads_worker(app, concurrency=2):
+        assert first.get(timeout=20) == 50
+        assert parked.state == "REVOKED"
+    assert app.probe.value("done") == 1
+    assert extension_for(app).gate("work").held() == 0

@@ -169,7 +169,7 @@ def test_a_gate_at_rest_keeps_only_its_state_hash(
 def test_every_key_of_a_gate_shares_one_hash_tag() -> None:
     tags = {key.split("}")[0] for key in keys_for("semaphore", "crawler")}
     assert tags == {"{semaphore:crawler"}
-    assert len(keys_for("semaphore", "crawler")) == 7
+    assert len(keys_for("semaphore", "crawler")) == 8
 
 
 def test_cancel_removes_a_parked_call_only(gate: Gate) -> None:
@@ -189,9 +189,10 @@ def test_a_malformed_parked_entry_is_moved_out_of_the_queue(gate: Gate) -> None:
     gate.client.hset(gate.keys[2], "junk", "not json")
     gate.acquire("c", b"mc", now_ms=T0)
     out = gate.release("a", now_ms=T0)
-    assert [(m.task_id, m.raw) for m in out.malformed] == [("junk", b"not json")]
+    assert [m.task_id for m in out.malformed] == ["junk"]
     assert [g.task_id for g in out.grants] == ["c"]
     assert gate.client.hexists(gate.keys[2], "junk") == 0
+    assert gate.aside()["junk"].startswith(b"not json")
 
 
 def test_racing_clients_never_hold_more_slots_than_the_limit(
@@ -305,3 +306,24 @@ def test_a_parked_call_claimed_by_a_polling_slot_leaves_the_queue_with_its_messa
     assert (outcome, message) == (Claimed.CLAIMED, b"mc")
     assert gate.parked() == 0
     assert gate.slots() == {"1": "a", "2": "b", "3": "c"}
+
+
+def test_a_refused_copy_is_kept_as_a_backup_and_dropped_when_the_call_ends(gate: Gate) -> None:
+    gate.acquire("a", b"", now_ms=T0)
+    gate.start("a", "w1", now_ms=T0)
+    assert gate.acquire("a", b"copy", backup=True, now_ms=T0 + 1)[0] is Acquired.BACKED_UP
+    assert gate.held() == 1 and gate.parked() == 0
+    gate.release("a", now_ms=T0 + 2)
+    assert gate.client.hlen(gate.keys[4]) == 0
+    # A copy that arrives after the end is dropped, not parked.
+    assert gate.acquire("a", b"late", backup=True, now_ms=T0 + 3)[0] is Acquired.DROPPED
+
+
+def test_a_backup_runs_when_the_execution_it_waited_for_dies(gate: Gate) -> None:
+    gate.acquire("a", b"", now_ms=T0)
+    gate.start("a", "killed-child", now_ms=T0)
+    gate.acquire("a", b"copy", backup=True, now_ms=T0 + 1)
+    reclaimed, grants, _ = gate.reclaim(now_ms=T0 + 10_001)
+    assert [(r.task_id, r.state) for r in reclaimed] == [("a", "parked")]
+    assert [(g.task_id, g.message) for g in grants] == [("a", b"copy")]
+    assert gate.start("a", "new-child", now_ms=T0 + 10_002)[0] is Started.RUN

@@ -15,13 +15,15 @@
 --   KEYS[6] {prefix:G}:slots    hash  slot number -> call id holding it
 --   KEYS[7] {prefix:G}:ended    zset  call id -> end time (ms) of calls that were delivered more
 --                                     than once, kept for a window so a late copy is refused
+--   KEYS[8] {prefix:G}:aside    hash  call id -> a parked entry that could not be published
+--                                     (unreadable record or message), kept for an operator
 -- Every script takes ARGV[1] now_ms ('' for Redis TIME), ARGV[2] the epoch the client saw last
 -- ('' if none), ARGV[3] recovery ms (the longest lease); its own arguments follow. Every reply
 -- starts with the current epoch.
 if redis.replicate_commands then redis.replicate_commands() end
 
 local K_STATE, K_HOLDERS, K_META, K_QUEUE = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local K_CALLS, K_SLOTS, K_ENDED = KEYS[5], KEYS[6], KEYS[7]
+local K_CALLS, K_SLOTS, K_ENDED, K_ASIDE = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 
 -- One clock for every host: Redis TIME, unless a test passes an explicit time.
 local function clock(arg)
@@ -115,8 +117,8 @@ local function grant(id, rec, state, slot)
 end
 
 -- Hand free slots (1..limit) to parked calls in queue order; append {id, fence, message} per
--- grant. A parked entry without a readable record or message cannot be published: it leaves
--- the queue and is returned as {id, -1, raw} for the caller to log.
+-- grant. A parked entry without a readable record or message cannot be published: it is moved
+-- aside (KEYS[8]) and returned as {id, -1, raw} for the caller to log.
 local function handoff(limit, out)
   if recovering() then return out end
   while redis.call('ZCARD', K_QUEUE) > 0 do
@@ -126,8 +128,9 @@ local function handoff(limit, out)
     local rec = load(id)
     local message = redis.call('HGET', K_CALLS, id)
     if not rec or not message then
-      local raw = redis.call('HGET', K_META, id) or ''
+      local raw = (redis.call('HGET', K_META, id) or '') .. ' ' .. (message or '')
       forget(id, rec)
+      redis.call('HSET', K_ASIDE, id, raw)
       out[#out + 1] = {id, -1, raw}
     else
       redis.call('ZREM', K_QUEUE, id)

@@ -3,19 +3,22 @@
 -- ARGV[4] limit      int
 -- ARGV[5] batch      int, most leases reclaimed in one call
 -- Returns {epoch, {{id, state, runner, fence, backend, slot}...}, {{id, fence, message}...}}.
--- A handed-off call that never started (its publisher may have died) still has its message:
--- it is parked again at its old place instead of being dropped, so an accepted call is not lost.
+-- A call whose message is still stored is parked again instead of dropped, so an accepted call
+-- is not lost: a handed-off call that never started (its publisher may have died) goes back to
+-- its old place; a running call that died while a backup copy waited goes to the head.
 local expired = redis.call('ZRANGEBYSCORE', K_HOLDERS, '-inf', NOW, 'LIMIT', 0, tonumber(ARGV[5]))
 local reclaimed = {}
 for _, id in ipairs(expired) do
   local rec = load(id)
-  if rec and rec.s == 'g' and rec.q and redis.call('HEXISTS', K_CALLS, id) == 1 then
+  if rec and rec.s ~= 'p' and redis.call('HEXISTS', K_CALLS, id) == 1 then
     if rec.n and redis.call('HGET', K_SLOTS, rec.n) == id then redis.call('HDEL', K_SLOTS, rec.n) end
     redis.call('ZREM', K_HOLDERS, id)
     reclaimed[#reclaimed + 1] = {id, 'parked', rec.w or '', rec.f, rec.b or '', rec.n or ''}
     rec.s = 'p'
     rec.n = nil
     rec.x = (rec.x or 0) + 1
+    rec.q = rec.q or 0
+    rec.e = 0
     save(id, rec)
     redis.call('ZADD', K_QUEUE, rec.q, id)
   else
