@@ -257,7 +257,7 @@ class Extension:
         headers[signals.HEADER] = gate.name
         # Not published: a backup must not look like one when it finally runs and retries.
         backup = headers.pop(signals.BACKUP_HEADER, None) == "1"
-        delay_ms = _delay_ms(headers.get("eta"))
+        delay_ms = _delay_ms(headers.get("eta"), self.app.now())
 
         def on_task(real_producer: Any, envelope: Envelope) -> Any:
             return self._publish_gated(
@@ -394,8 +394,12 @@ def cancel(result: Any, app: Celery | None = None) -> bool:
     return ext.cancel(str(getattr(result, "id", result))) if ext is not None else False
 
 
-def _delay_ms(eta: Any) -> int:
-    """Milliseconds from now until a message's ETA header (0 when it has none)."""
+def _delay_ms(eta: Any, now: datetime) -> int:
+    """Milliseconds from ``now`` until a message's ETA header (0 when it has none).
+
+    ``now`` is the clock Celery computed the ETA with (``app.now()``), so a client whose clock
+    is off still passes the right countdown; the lease itself is timed on Redis.
+    """
     if not eta:
         return 0
     try:
@@ -404,4 +408,6 @@ def _delay_ms(eta: Any) -> int:
         return 0
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return max(0, int((when - datetime.now(UTC)).total_seconds() * 1000))
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=UTC)
+    return max(0, int((when - now).total_seconds() * 1000))
