@@ -7,7 +7,14 @@ from __future__ import annotations
 
 from .backends import AbstractBackend, GatedCalls, TaskBackend
 from .decorator import GateSpec, gated
-from .errors import ConfigurationError, LeaseLost, RedisUnavailable, ScriptError, SemaphoreError
+from .errors import (
+    CallDropped,
+    ConfigurationError,
+    LeaseLost,
+    RedisUnavailable,
+    ScriptError,
+    SemaphoreError,
+)
 from .extension import TICK_TASK, Extension, cancel, extension_for, install
 from .gate import Acquired, Gate, Started
 from .scheduler import Scheduler
@@ -43,6 +50,7 @@ __all__ = [
     "ConfigurationError",
     "RedisUnavailable",
     "LeaseLost",
+    "CallDropped",
     "ScriptError",
     "__version__",
 ]

@@ -23,6 +23,7 @@ DEFAULTS: dict[str, Any] = {
     "semaphore_redis_timeout": 5.0,
     "semaphore_slots": [],
     "semaphore_dedupe_window": 3600.0,
+    "semaphore_dropped_after": 60.0,
     "semaphore_duplicates": "refuse",
 }
 
@@ -61,6 +62,8 @@ class Settings:
         slots: slot configurations for the :class:`~celery_semaphore.Scheduler`.
         dedupe_window_s: how long a call delivered more than once is remembered after its end.
         duplicates: ``"refuse"`` or ``"allow"`` a second live execution of one call.
+        dropped_after_s: grace after a dead holder's lease expired before its call, if no
+            result arrived and no redelivery is coming, is recorded as ``CallDropped``.
     """
 
     redis_url: str
@@ -72,6 +75,7 @@ class Settings:
     slots: tuple[Mapping[str, Any], ...]
     dedupe_window_s: float = 3600.0
     duplicates: str = "refuse"
+    dropped_after_s: float = 60.0
 
     @classmethod
     def from_conf(cls, conf: Any) -> Settings:
@@ -131,4 +135,7 @@ class Settings:
                 "semaphore_dedupe_window", get("semaphore_dedupe_window")
             ),
             duplicates=duplicates,
+            dropped_after_s=check_seconds(
+                "semaphore_dropped_after", get("semaphore_dropped_after")
+            ),
         )

@@ -55,6 +55,34 @@ class LeaseLost(SemaphoreError):
         super().__init__(f"call {task_id} lost its slot of semaphore {gate!r}")
 
 
+class CallDropped(SemaphoreError):
+    """Recorded as the result of a call whose worker died while it ran, with no redelivery.
+
+    With early acknowledgement (Celery's default) the broker forgets a message once a worker
+    takes it; if that worker dies, the tick reclaims the slot and records this as the call's
+    final state, so a caller waiting on the result learns it.
+
+    Attributes:
+        gate: the semaphore's name.
+        task_id: the call.
+        runner: the host and pid that last ran it.
+    """
+
+    def __init__(self, gate: str, task_id: str, runner: str = "") -> None:
+        # args are the constructor's, so Celery can rebuild it from a stored result.
+        super().__init__(gate, task_id, runner)
+        self.gate = gate
+        self.task_id = task_id
+        self.runner = runner
+
+    def __str__(self) -> str:
+        return (
+            f"call {self.task_id} of semaphore {self.gate!r} was dropped: its worker "
+            f"({self.runner or 'unknown'}) died while it ran and the broker will not redeliver it "
+            "(use acks_late for at-least-once)"
+        )
+
+
 class ScriptError(SemaphoreError):
     """A Lua script answered with a code this version does not know."""
 

@@ -228,6 +228,7 @@ class Extension:
             prefix=self.settings.key_prefix,
             url=maybe_sanitize_url(self.settings.redis_url),
             dedupe_window_s=self.settings.dedupe_window_s,
+            dropped_after_s=self.settings.dropped_after_s,
         )
 
     def gate(self, name: str) -> Gate:
@@ -256,7 +257,14 @@ class Extension:
         gate = self.gate(spec.gate or name)
         headers[signals.HEADER] = gate.name
         # Not published: a backup must not look like one when it finally runs and retries.
+        # The flag arrives in the apply_async headers option, which Celery merges into the
+        # message only inside the original sender, so it is taken out of both.
         backup = headers.pop(signals.BACKUP_HEADER, None) == "1"
+        extra_headers = options.get("headers")
+        if isinstance(extra_headers, dict) and signals.BACKUP_HEADER in extra_headers:
+            extra_headers = dict(extra_headers)
+            backup = extra_headers.pop(signals.BACKUP_HEADER) == "1" or backup
+            options["headers"] = extra_headers
         delay_ms = _delay_ms(headers.get("eta"), self.app.now())
 
         def on_task(real_producer: Any, envelope: Envelope) -> Any:

@@ -10,7 +10,7 @@ import dataclasses
 import enum
 import json
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
@@ -28,10 +28,14 @@ __all__ = [
     "Gate",
     "keys_for",
     "DEFAULT_DEDUPE_WINDOW_S",
+    "DEFAULT_DROPPED_AFTER_S",
+    "Reclaim",
 ]
 
 #: How long a call that was delivered more than once is remembered after its end.
 DEFAULT_DEDUPE_WINDOW_S = 3600.0
+#: How long after its lease expired a running call is reported dropped if no result came.
+DEFAULT_DROPPED_AFTER_S = 60.0
 
 
 class Acquired(enum.IntEnum):
@@ -113,6 +117,18 @@ class Reclaimed:
     fence: int
     backend: str
     slot: str
+    redeliver: bool = False  # the broker will bring the call back (acks_late)
+
+
+class Reclaim(NamedTuple):
+    """The outcome of :meth:`Gate.reclaim`."""
+
+    reclaimed: list[Reclaimed]
+    grants: list[Grant]
+    malformed: list[Malformed]
+    #: (call id, last runner) of running calls whose lease expired ``dropped_after_s`` ago
+    #: with no redelivery coming: nothing will finish them unless their result arrived.
+    dropped: list[tuple[str, str]]
 
 
 def keys_for(prefix: str, name: str) -> tuple[str, ...]:
@@ -120,7 +136,17 @@ def keys_for(prefix: str, name: str) -> tuple[str, ...]:
     tag = f"{{{prefix}:{name}}}"
     return tuple(
         f"{tag}:{part}"
-        for part in ("state", "holders", "meta", "queue", "calls", "slots", "ended", "aside")
+        for part in (
+            "state",
+            "holders",
+            "meta",
+            "queue",
+            "calls",
+            "slots",
+            "ended",
+            "aside",
+            "suspect",
+        )
     )
 
 
@@ -143,6 +169,8 @@ class Gate:
         prefix: first part of every key.
         url: the Redis URL, named in errors.
         dedupe_window_s: how long a call delivered more than once is remembered after its end.
+        dropped_after_s: how long after its lease expired a running call that nothing will
+            redeliver is reported as dropped by :meth:`reclaim`.
 
     Every method takes an optional ``now_ms`` so tests can drive the clock; by default the
     scripts read Redis ``TIME``.
@@ -158,6 +186,7 @@ class Gate:
         prefix: str = "semaphore",
         url: str = "redis",
         dedupe_window_s: float = DEFAULT_DEDUPE_WINDOW_S,
+        dropped_after_s: float = DEFAULT_DROPPED_AFTER_S,
     ) -> None:
         self.client = client
         self.scripts = scripts
@@ -167,6 +196,7 @@ class Gate:
         self.prefix = prefix
         self.url = url
         self.dedupe_window_s = dedupe_window_s
+        self.dropped_after_s = dropped_after_s
         self.keys = keys_for(prefix, name)
         #: The data set this gate last saw (see common.lua); a change means Redis lost data.
         self.epoch = ""
@@ -215,15 +245,26 @@ class Gate:
         return Acquired(code_of("acquire", reply, (0, 1, 2, 3, 4, 5))), int(reply[2])
 
     def start(
-        self, task_id: str, runner: str, *, lease_s: float | None = None, now_ms: int | None = None
+        self,
+        task_id: str,
+        runner: str,
+        *,
+        redeliver: bool = False,
+        lease_s: float | None = None,
+        now_ms: int | None = None,
     ) -> tuple[Started, int, str]:
         """Mark ``task_id`` running under ``runner``.
+
+        ``redeliver`` says the broker brings the call back if its worker dies (``acks_late``),
+        so an expired lease of it is not a dropped call.
 
         Returns the verdict, the fence, and the name of the backend that started the call
         (``""`` for a gated call).
         """
         reply = self._run(
-            self.scripts.start, now_ms, [task_id, self.limit, self._lease_ms(lease_s), runner]
+            self.scripts.start,
+            now_ms,
+            [task_id, self.limit, self._lease_ms(lease_s), runner, int(redeliver)],
         )
         verdict = Started(code_of("start", reply, (1, 4, 5, 6, 7, 8)))
         return verdict, int(reply[2]), _text(reply[3])
@@ -254,17 +295,17 @@ class Gate:
         backends = {_text(kept[i]): _text(kept[i + 1]) for i in range(0, len(kept), 2)}
         return [_text(x) for x in reply[1]], backends
 
-    def reclaim(
-        self, *, batch: int = 1000, now_ms: int | None = None
-    ) -> tuple[list[Reclaimed], list[Grant], list[Malformed]]:
+    def reclaim(self, *, batch: int = 1000, now_ms: int | None = None) -> Reclaim:
         """Take back expired leases, then hand free slots to parked calls."""
-        reply = self._run(self.scripts.reclaim, now_ms, [self.limit, int(batch)])
+        grace_ms = int(self.dropped_after_s * 1000)
+        reply = self._run(self.scripts.reclaim, now_ms, [self.limit, int(batch), grace_ms])
         reclaimed = [
-            Reclaimed(_text(i), _text(s), _text(w), int(f), _text(b), _text(n))
-            for i, s, w, f, b, n in reply[1]
+            Reclaimed(_text(i), _text(s), _text(w), int(f), _text(b), _text(n), bool(int(a)))
+            for i, s, w, f, b, n, a in reply[1]
         ]
         grants, malformed = _split_grants(reply[2])
-        return reclaimed, grants, malformed
+        dropped = [tuple(_text(x).split(" ", 1)) for x in reply[3]]
+        return Reclaim(reclaimed, grants, malformed, [(d[0], d[-1]) for d in dropped])
 
     def claim(
         self,

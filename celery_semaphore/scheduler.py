@@ -231,7 +231,7 @@ class Scheduler:
         """
         summary: dict[str, dict[str, int]] = {}
         for name, gate in list(self._gates.items()):
-            reclaimed, grants, malformed = gate.reclaim()
+            reclaimed, grants, malformed, dropped = gate.reclaim()
             timed_out = 0
             for r in reclaimed:
                 if r.state == "parked":
@@ -255,6 +255,14 @@ class Scheduler:
                 if backend is not None:
                     _call(backend, "timeout_callback", r.task_id)
                     _call(backend, "stop_callback", r.task_id)
+            gated_calls = self.backend(name, "")
+            for task_id, runner in dropped:
+                # Nothing brought these back and no result arrived: give them a final state.
+                if isinstance(gated_calls, GatedCalls):
+                    try:
+                        gated_calls.record_dropped(task_id, runner)
+                    except Exception:
+                        logger.exception("semaphore %r: could not record %s", name, task_id)
             started = self._publish(name, grants, malformed)
             if name in self._polled:
                 started += self._fill(name, gate)

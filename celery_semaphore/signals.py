@@ -129,7 +129,8 @@ def on_prerun(sender: Any = None, task_id: str | None = None, task: Any = None, 
     ext = _ext_for(task)
     if name is None or ext is None:
         return
-    verdict, fence, backend_name = ext.gate(name).start(task_id, _runner())
+    redeliver = bool(getattr(task, "acks_late", False))
+    verdict, fence, backend_name = ext.gate(name).start(task_id, _runner(), redeliver=redeliver)
     request.semaphore_verdict = verdict
     request.semaphore_fence = fence if verdict.runs else None
     if verdict.runs and backend_name:
@@ -159,9 +160,16 @@ def on_postrun(
 
 
 def on_failure(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
-    """``task_failure`` raised outside the run (hard time limit, lost child): release by id."""
-    if sender is None or task_id is None or getattr(sender.request, "id", None) == task_id:
-        return  # inside the run task_postrun follows and releases with the fence
+    """``task_failure`` raised outside the run (hard time limit, lost child): release by id.
+
+    Celery pushes a request context in the main process before it reports a lost child, so
+    "outside the run" is told by the absence of our prerun's mark, not by the request id.
+    """
+    if sender is None or task_id is None:
+        return
+    request = sender.request
+    if getattr(request, "id", None) == task_id and hasattr(request, "semaphore_verdict"):
+        return  # inside the run (our prerun marked it): task_postrun follows with the fence
     ext = _ext_for(sender)
     name = ext.gate_name_of_task(sender.name) if ext is not None else None
     if name is not None:

@@ -7,6 +7,7 @@ thread is busy running the task.
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from typing import Any
 
@@ -26,9 +27,29 @@ def gated_requests() -> dict[str, list[str]]:
     calls: dict[str, list[str]] = defaultdict(list)
     for request in list(state.active_requests) + list(state.reserved_requests):
         gate = getattr(request, "_request_dict", {}).get(HEADER)
-        if isinstance(gate, str):
+        # Celery may notice a killed prefork child seconds late; its run is over, so its
+        # lease must not be renewed meanwhile.
+        if isinstance(gate, str) and _alive(getattr(request, "worker_pid", None)):
             calls[gate].append(request.id)
     return calls
+
+
+def _alive(pid: int | None) -> bool:
+    """Whether the process running a request is alive (not gone, not a zombie)."""
+    if not pid or pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            # The state follows the parenthesised command name; Z is a zombie.
+            return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 class Keepalive(bootsteps.StartStopStep):

@@ -209,3 +209,29 @@ def test_a_cancelled_parked_call_never_runs_and_its_result_says_revoked(
         assert parked.state == "REVOKED"
     assert app.probe.value("done") == 1
     assert extension_for(app).gate("work").held() == 0
+
+
+def test_a_call_lost_with_its_worker_under_early_ack_is_recorded_as_dropped(
+    make_app: Callable[..., Celery],
+) -> None:
+    from celery_semaphore import CallDropped
+
+    app = make_app(limit=2, semaphore_dropped_after=0.2)
+    ext = extension_for(app)
+    gate = ext.gate("work")
+    # Started by a worker that then died: early ack, so the broker will not bring it back.
+    gate.acquire("lost-call", b"", lease_s=0.05)
+    gate.start("lost-call", "deadhost:1", lease_s=0.05)
+    # The same with acks_late: the broker redelivers it, so no final state is forced.
+    gate.acquire("coming-back", b"", lease_s=0.05)
+    gate.start("coming-back", "deadhost:2", redeliver=True, lease_s=0.05)
+    wait_for(lambda: gate.client.time()[0] * 1000 > max(gate.holders().values()), 5, "expiry")
+    assert ext.tick()["work"]["timed_out"] == 2
+    # Not at once: a stalled worker may still finish it; after the grace it is recorded.
+    assert app.AsyncResult("lost-call").state == "PENDING"
+    lost = app.AsyncResult("lost-call")
+    wait_for(lambda: ext.tick() is not None and lost.state == "FAILURE", 10, "the drop record")
+    assert lost.state == "FAILURE"
+    assert isinstance(lost.result, CallDropped)
+    assert "deadhost:1" in str(lost.result)
+    assert app.AsyncResult("coming-back").state == "PENDING"

@@ -100,7 +100,7 @@ def test_reclaim_takes_back_expired_leases_only(gate: Gate) -> None:
     gate.start("old", "w1", now_ms=T0)
     gate.acquire("new", b"", now_ms=T0 + 5_000)
     gate.acquire("waiting", b"mw", now_ms=T0 + 5_000)
-    reclaimed, grants, _ = gate.reclaim(now_ms=T0 + 10_001)
+    reclaimed, grants, _, _ = gate.reclaim(now_ms=T0 + 10_001)
     assert [(r.task_id, r.state, r.runner) for r in reclaimed] == [("old", "r", "w1")]
     assert [g.task_id for g in grants] == ["waiting"]
     assert set(gate.holders()) == {"new", "waiting"}
@@ -114,7 +114,7 @@ def test_reclaim_parks_again_a_handed_off_call_that_never_started(gate: Gate) ->
     assert [g.task_id for g in gate.release("a", now_ms=T0).grants] == ["c"]
     # The worker that should have published c died; b finished later and d took its slot.
     assert [g.task_id for g in gate.release("b", now_ms=T0 + 5_000).grants] == ["d"]
-    reclaimed, regrants, _ = gate.reclaim(now_ms=T0 + 10_001)
+    reclaimed, regrants, _, _ = gate.reclaim(now_ms=T0 + 10_001)
     assert [(r.task_id, r.state) for r in reclaimed] == [("c", "parked")]
     # c went back to its old place, ahead of e, with its message intact.
     assert [(g.task_id, g.message) for g in regrants] == [("c", b"mc")]
@@ -169,7 +169,7 @@ def test_a_gate_at_rest_keeps_only_its_state_hash(
 def test_every_key_of_a_gate_shares_one_hash_tag() -> None:
     tags = {key.split("}")[0] for key in keys_for("semaphore", "crawler")}
     assert tags == {"{semaphore:crawler"}
-    assert len(keys_for("semaphore", "crawler")) == 8
+    assert len(keys_for("semaphore", "crawler")) == 9
 
 
 def test_cancel_removes_a_parked_call_only(gate: Gate) -> None:
@@ -276,9 +276,9 @@ def test_a_flushed_redis_is_detected_and_the_gate_admits_no_one_until_the_lease_
     # A running call re-registers through its keepalive and is counted again.
     assert gate.keepalive(["a"], now_ms=T0 + 200) == ([], {})
     assert gate.slots() == {"1": "a"}
-    assert gate.reclaim(now_ms=T0 + 300)[1] == []
+    assert gate.reclaim(now_ms=T0 + 300).grants == []
     # Once the longest lease has passed, the gate works normally again.
-    _, grants, _ = gate.reclaim(now_ms=T0 + 100 + 10_001)
+    grants = gate.reclaim(now_ms=T0 + 100 + 10_001).grants
     assert [g.task_id for g in grants] == ["c"]
 
 
@@ -323,7 +323,27 @@ def test_a_backup_runs_when_the_execution_it_waited_for_dies(gate: Gate) -> None
     gate.acquire("a", b"", now_ms=T0)
     gate.start("a", "killed-child", now_ms=T0)
     gate.acquire("a", b"copy", backup=True, now_ms=T0 + 1)
-    reclaimed, grants, _ = gate.reclaim(now_ms=T0 + 10_001)
+    reclaimed, grants, _, _ = gate.reclaim(now_ms=T0 + 10_001)
     assert [(r.task_id, r.state) for r in reclaimed] == [("a", "parked")]
     assert [(g.task_id, g.message) for g in grants] == [("a", b"copy")]
     assert gate.start("a", "new-child", now_ms=T0 + 10_002)[0] is Started.RUN
+
+
+def test_a_dead_runner_without_redelivery_is_reported_dropped_after_the_grace_only(
+    slots: redis.Redis, prefix: str
+) -> None:
+    gate = Gate(slots, Scripts(slots), "g", 2, lease_s=10, prefix=prefix, dropped_after_s=60)
+    gate.acquire("early-ack", b"", now_ms=T0)
+    gate.start("early-ack", "host:1", now_ms=T0)
+    gate.acquire("late-ack", b"", now_ms=T0)
+    gate.start("late-ack", "host:2", redeliver=True, now_ms=T0)
+    out = gate.reclaim(now_ms=T0 + 10_001)
+    assert sorted((r.task_id, r.redeliver) for r in out.reclaimed) == [
+        ("early-ack", False),
+        ("late-ack", True),
+    ]
+    assert out.dropped == []
+    assert gate.reclaim(now_ms=T0 + 10_001 + 59_000).dropped == []
+    assert gate.reclaim(now_ms=T0 + 10_001 + 60_000).dropped == [("early-ack", "host:1")]
+    assert gate.reclaim(now_ms=T0 + 10_001 + 61_000).dropped == []
+    assert slots.exists(gate.keys[8]) == 0

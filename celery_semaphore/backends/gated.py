@@ -43,6 +43,31 @@ class GatedCalls(AbstractBackend):
         ext.dispatch(gate.name, [Grant(task_id, 0, message)])
         return None
 
+    def record_dropped(self, task_id: str, runner: str = "") -> bool:
+        """Record ``CallDropped`` as the result of a call lost with its worker, if none is stored.
+
+        Returns whether it was recorded.
+        """
+        from celery import states
+
+        from ..errors import CallDropped
+
+        ext = self.context.get("extension")
+        if ext is None:
+            return False
+        backend = ext.app.backend
+        try:
+            if backend.get_state(task_id) in states.READY_STATES:
+                return False
+            backend.mark_as_failure(
+                task_id,
+                CallDropped(self.context["gate"].name, task_id, runner),
+                call_errbacks=False,
+            )
+        except NotImplementedError:  # no result backend: nowhere to record it
+            return False
+        return True
+
     def timeout_callback(self, task_id: str) -> None:
         """A gated call's lease expired: its worker died or stopped renewing it."""
         logger.warning(

@@ -17,13 +17,15 @@
 --                                     than once, kept for a window so a late copy is refused
 --   KEYS[8] {prefix:G}:aside    hash  call id -> a parked entry that could not be published
 --                                     (unreadable record or message), kept for an operator
+--   KEYS[9] {prefix:G}:suspect  zset  "id runner" -> when the lease of a running call expired
+--                                     with no redelivery coming; due ones are reported dropped
 -- Every script takes ARGV[1] now_ms ('' for Redis TIME), ARGV[2] the epoch the client saw last
 -- ('' if none), ARGV[3] recovery ms (the longest lease); its own arguments follow. Every reply
 -- starts with the current epoch.
 if redis.replicate_commands then redis.replicate_commands() end
 
 local K_STATE, K_HOLDERS, K_META, K_QUEUE = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local K_CALLS, K_SLOTS, K_ENDED, K_ASIDE = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local K_CALLS, K_SLOTS, K_ENDED, K_ASIDE, K_SUSPECT = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 
 -- One clock for every host: Redis TIME, unless a test passes an explicit time.
 local function clock(arg)

@@ -19,6 +19,7 @@ elseif rec and rec.s ~= 'p' and (fence == '' or tonumber(fence) == rec.f) then
   if (rec.x or 0) > 0 or rec.d then
     -- Seen twice already: a late copy of this call must not run again after its end.
     redis.call('ZADD', K_ENDED, NOW, id)
+    redis.call('PEXPIRE', K_ENDED, tonumber(ARGV[7]))
   end
   forget(id, rec)
   released = 1

@@ -4,6 +4,7 @@
 -- ARGV[5] limit      int
 -- ARGV[6] lease_ms   int, used when the call has to take a slot again
 -- ARGV[7] runner     who runs it (host and pid), to tell a second live execution apart
+-- ARGV[8] redeliver  '1' when the broker redelivers the call if its worker dies (acks_late)
 -- Returns {epoch, code, fence, backend}; code:
 --   1 run it;  6 the call had lost its slot and took a free one: run it;
 --   4 the call runs elsewhere right now: a duplicate delivery, do not run;
@@ -33,11 +34,13 @@ if rec then
     redis.call('HDEL', K_CALLS, id)
     rec.e = 0
     rec.w = ARGV[7]
+    rec.a = ARGV[8] == '1'
     return {EPOCH, 1, grant(id, rec, 'r', slot), backend}
   end
   rec.s = 'r'
   rec.e = 0
   rec.w = ARGV[7]
+  rec.a = ARGV[8] == '1'
   save(id, rec)
   redis.call('ZADD', K_HOLDERS, NOW + rec.l, id)
   redis.call('HDEL', K_CALLS, id)
@@ -48,7 +51,8 @@ if redis.call('ZSCORE', K_ENDED, id) then return {EPOCH, 8, 0, ''} end
 if redis.call('ZCARD', K_QUEUE) == 0 then
   local slot = admit(limit)
   if slot then
-    return {EPOCH, 6, grant(id, {l = tonumber(ARGV[6]), e = 0, x = 1, w = ARGV[7]}, 'r', slot), ''}
+    local rec = {l = tonumber(ARGV[6]), e = 0, x = 1, w = ARGV[7], a = ARGV[8] == '1'}
+    return {EPOCH, 6, grant(id, rec, 'r', slot), ''}
   end
 end
 return {EPOCH, 7, 0, ''}

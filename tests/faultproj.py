@@ -1,0 +1,262 @@
+"""The fault-test project: gated tasks that record every run, for crash and chaos tests.
+
+Subprocess workers and beat load the module-level ``app`` (``celery -A tests.faultproj``),
+configured from ``CS_*`` environment variables (see :func:`app_from_env`); the tests build the
+same app in process from the same variables. Every run of a task of the semaphore ``work``
+appends JSON events to a probe list in its own Redis database:
+
+- ``prerun`` / ``postrun``: every delivery that reached ``task_prerun`` / ``task_postrun`` (a
+  refused duplicate included; ``postrun`` follows everything the package did about the run);
+- ``start`` / ``end``: the body began / finished (``end`` is written in ``finally``, before the
+  slot is released), with the fence, the process id and the attempt number.
+
+A run that was killed has a ``start`` and no ``end``; the tests end it at the kill.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import redis
+from celery import Celery, signals
+
+from celery_semaphore import current_fence, gated, holds_slot
+from celery_semaphore.message import Envelope
+
+GATE = "work"
+
+
+class Probe:
+    """The event log and flags of one test, in the probe database."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self.client = redis.Redis.from_url(url)
+        self.prefix = prefix
+
+    def key(self, name: str) -> str:
+        return f"fprobe:{self.prefix}:{name}"
+
+    def record(self, event: str, task_id: str, **fields: Any) -> None:
+        entry = {"ev": event, "id": task_id, "t": time.time(), "pid": os.getpid(), **fields}
+        self.client.rpush(self.key("log"), json.dumps(entry))
+
+    def events(self, event: str | None = None) -> list[dict[str, Any]]:
+        rows = [json.loads(raw) for raw in self.client.lrange(self.key("log"), 0, -1)]
+        return [r for r in rows if event is None or r["ev"] == event]
+
+    def watch(self, pid: int) -> None:
+        """Have every later ``start`` record whether process ``pid`` is still alive."""
+        self.client.sadd(self.key("watch"), pid)
+
+    def watched(self) -> dict[str, list[int]]:
+        """The watched processes, and those of them alive now (a zombie counts as dead)."""
+        pids = sorted(int(x) for x in self.client.smembers(self.key("watch")))
+        return {"watched": pids, "alive": [p for p in pids if _alive(p)]}
+
+    def set_flag(self, name: str) -> None:
+        self.client.set(self.key(f"flag:{name}"), 1)
+
+    def flag(self, name: str) -> bool:
+        return bool(self.client.exists(self.key(f"flag:{name}")))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def create_app(
+    name: str,
+    *,
+    broker: str,
+    backend: str,
+    slots_url: str,
+    probe_url: str,
+    prefix: str,
+    queue: str,
+    limit: int = 1,
+    **conf: Any,
+) -> Celery:
+    """Build an app whose tasks share the semaphore ``work`` of size ``limit``."""
+    app = Celery(name, broker=broker, backend=backend)
+    settings: dict[str, Any] = {
+        "semaphore_redis_url": slots_url,
+        "semaphore_key_prefix": prefix,
+        "semaphore_limits": {GATE: limit},
+        "semaphore_redis_timeout": 2.0,
+        "task_default_queue": queue,
+        "broker_connection_retry_on_startup": True,
+        "result_expires": 600,
+        "worker_hijack_root_logger": False,
+        "worker_prefetch_multiplier": 1,
+    }
+    app.conf.update(settings, **conf)
+    probe = Probe(probe_url, prefix)
+    app.probe = probe  # type: ignore[attr-defined]
+
+    def begin(task: Any) -> None:
+        req = task.request
+        probe.record(
+            "start",
+            req.id,
+            fence=current_fence(),
+            attempt=req.retries or 0,
+            **probe.watched(),
+        )
+
+    def finish(task: Any, **fields: Any) -> None:
+        probe.record("end", task.request.id, **fields)
+
+    @gated(GATE)
+    @app.task(name="fault.sleep", bind=True, shared=False)
+    def sleep(self: Any, ms: float = 20) -> float:
+        begin(self)
+        try:
+            time.sleep(ms / 1000.0)
+        finally:
+            finish(self)
+        return ms
+
+    @gated(GATE)
+    @app.task(name="fault.hang", bind=True, shared=False, default_retry_delay=0.3)
+    def hang(self: Any, flag: str, max_s: float = 30.0) -> str:
+        """Run until the test sets ``flag`` (or ``max_s`` passed)."""
+        begin(self)
+        try:
+            deadline = time.monotonic() + max_s
+            while not probe.flag(flag) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        finally:
+            finish(self)
+        return "done"
+
+    @gated(GATE)
+    @app.task(name="fault.fail", bind=True, shared=False)
+    def fail(self: Any) -> None:
+        begin(self)
+        try:
+            raise RuntimeError("boom")
+        finally:
+            finish(self)
+
+    @gated(GATE)
+    @app.task(name="fault.retry_once", bind=True, shared=False, max_retries=3)
+    def retry_once(self: Any, ms: float = 100) -> int:
+        begin(self)
+        try:
+            time.sleep(ms / 1000.0)
+        finally:
+            finish(self)
+        if self.request.retries == 0:
+            raise self.retry(countdown=0.3)
+        return int(self.request.retries)
+
+    @gated(GATE)
+    @app.task(name="fault.soft_limit", bind=True, shared=False, soft_time_limit=0.5)
+    def soft_limit(self: Any) -> None:
+        begin(self)
+        try:
+            time.sleep(10)
+        finally:
+            finish(self)
+
+    @gated(GATE)
+    @app.task(name="fault.hard_limit", bind=True, shared=False, time_limit=1)
+    def hard_limit(self: Any) -> None:
+        begin(self)
+        try:
+            time.sleep(10)
+        finally:
+            finish(self)
+
+    @gated(GATE)
+    @app.task(name="fault.outlive_lease", bind=True, shared=False)
+    def outlive_lease(self: Any, flag: str, max_s: float = 30.0) -> dict[str, Any]:
+        """Run past its lease (on a pool without keepalive), then ask whether it still holds it."""
+        begin(self)
+        try:
+            deadline = time.monotonic() + max_s
+            while not probe.flag(flag) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            lost = not holds_slot()
+        finally:
+            finish(self)
+        return {"fence": current_fence(), "lease_lost": lost}
+
+    def on_prerun(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+        if task is not None and task.app is app and task.name.startswith("fault."):
+            info = task.request.delivery_info or {}
+            probe.record("prerun", task_id or "", redelivered=bool(info.get("redelivered")))
+
+    def on_postrun(task_id: str | None = None, task: Any = None, **kw: Any) -> None:
+        if task is not None and task.app is app and task.name.startswith("fault."):
+            probe.record("postrun", task_id or "", state=kw.get("state"))
+
+    # weak=False: the receivers live as long as the app, in the worker and in the test.
+    signals.task_prerun.connect(on_prerun, weak=False, dispatch_uid=f"faultproj.prerun.{id(app)}")
+    signals.task_postrun.connect(
+        on_postrun, weak=False, dispatch_uid=f"faultproj.postrun.{id(app)}"
+    )
+    return app
+
+
+def app_from_env(env: os._Environ[str] | dict[str, str]) -> Celery:
+    """The app a subprocess worker or beat loads, from ``CS_*`` variables."""
+    conf: dict[str, Any] = {
+        "semaphore_tick_interval": float(env.get("CS_TICK", "0.5")),
+        "semaphore_lease": float(env.get("CS_LEASE", "1.5")),
+        # How long a reclaimed early-ack call may still deliver a result before it is dropped.
+        "semaphore_dropped_after": float(env.get("CS_DROPPED_AFTER", "1.0")),
+        "task_acks_late": env.get("CS_ACKS_LATE") == "1",
+        "task_reject_on_worker_lost": env.get("CS_REJECT_ON_LOST") == "1",
+        "task_retry_on_worker_lost": env.get("CS_RETRY_ON_LOST") == "1",
+    }
+    if env.get("CS_VISIBILITY"):
+        # Kombu's sweep of unacked messages: every second instead of every 100 s.
+        conf["broker_transport_options"] = {
+            "visibility_timeout": float(env["CS_VISIBILITY"]),
+            "unacked_restore_interval": 1,
+            "unacked_restore_throttle": 1,
+        }
+    return create_app(
+        "faultproj",
+        broker=env["CS_BROKER"],
+        backend=env["CS_BACKEND"],
+        slots_url=env["CS_SLOTS"],
+        probe_url=env["CS_PROBE"],
+        prefix=env["CS_PREFIX"],
+        queue=env["CS_QUEUE"],
+        limit=int(env.get("CS_LIMIT", "1")),
+        **conf,
+    )
+
+
+def crash_on_next_publish(probe: Probe) -> None:
+    """Make this process die (SIGKILL) in the next publish of a gated call the test arms.
+
+    The test arms it with ``probe.set_flag("crash-publish")``; the flag is taken atomically,
+    so exactly one publish, in whichever process comes first, dies.
+    """
+    original = Envelope.publish
+
+    def publish(self: Envelope, producer: Any, declare: list[Any]) -> Any:
+        if probe.client.delete(probe.key("flag:crash-publish")):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, producer, declare)
+
+    Envelope.publish = publish  # type: ignore[method-assign]
+
+
+if "CS_BROKER" in os.environ:
+    app = app_from_env(os.environ)
+    if os.environ.get("CS_CRASH_PUBLISH") == "1":
+        crash_on_next_publish(app.probe)  # type: ignore[attr-defined]
+else:
+    app = Celery("faultproj-unconfigured")
