@@ -1,0 +1,221 @@
+"""``python -m benchmarks``: run the scenarios of issue 5 and print one Markdown table.
+
+Examples::
+
+    python -m benchmarks                         # every scenario, default sizes (a few minutes)
+    python -m benchmarks --scenarios 1,3 --reps 5
+    python -m benchmarks --memory-calls 100000   # the long memory run
+    python -m benchmarks --scale 0.05 --reps 1 --memory-calls 400 --no-dramatiq  # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+
+from .cluster import Cluster
+from .harness import Bench, Options
+from .latency import handoff, submit
+from .report import Row, conditions, failed_row, render
+from .resources import memory, redis_cost
+from .throughput import overhead, utilisation
+
+__all__ = ["main", "parse_options"]
+
+SCENARIOS: dict[int, tuple[str, Callable[[Bench], list[Row]]]] = {
+    1: ("1 overhead", overhead),
+    2: ("2 utilisation", utilisation),
+    3: ("3 hand-off", handoff),
+    4: ("4 submit", submit),
+    5: ("5 Redis cost", redis_cost),
+    6: ("6 worker memory", memory),
+}
+
+NOTES = [
+    "Every figure is the median over the repetitions, with the min-max range in brackets; "
+    "every ratio pairs variants measured back to back in the same repetition.",
+    "Throughput = calls / (last end - first start), timestamps taken inside the tasks; each "
+    "batch is queued while its worker does not consume, then released at once.",
+    "Utilisation = throughput / (limit / task duration). The relay ceiling is `limit` chains "
+    "of plain tasks, each sending its successor at its end: the best any dispatch-on-release "
+    "gate can do. Wasted attempts: runs that had to retry (in-task semaphore, Dramatiq) or "
+    "that celery_semaphore refused after delivery.",
+    "The in-task semaphore retries after --retry-factor task durations ±50 % (Celery's "
+    "default countdown is 180 s); "
+    "Dramatiq's backoff starts at one task duration, capped at 1 s.",
+    "Hand-off and hop are 'next start - previous end' with one slot / one chain, so each start "
+    "is caused by exactly the previous end.",
+    "Redis cost is read on a redis-server that holds only the slots (the broker is another "
+    "one); round trips are the top-level commands seen by MONITOR.",
+]
+
+
+def parse_options(argv: Sequence[str] | None = None) -> tuple[Options, argparse.Namespace]:
+    """Parse the command line into :class:`Options` (and the raw namespace)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--scenarios", default="1,2,3,4,5,6", help="comma-separated, 1-6")
+    parser.add_argument("--reps", type=int, default=5, help="repetitions of each figure")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies every call count")
+    parser.add_argument(
+        "--memory-calls", type=int, default=20_000, help="calls of the memory run (100000: long)"
+    )
+    parser.add_argument("--limit", type=int, default=4, help="limit of the gate under test")
+    parser.add_argument("--concurrency", type=int, default=8, help="worker concurrency")
+    parser.add_argument("--pool", choices=("threads", "prefork"), default="threads")
+    parser.add_argument("--durations", default="10,100", help="task durations of scenario 2, ms")
+    parser.add_argument(
+        "--no-dramatiq", action="store_true", help="skip Dramatiq even if installed"
+    )
+    parser.add_argument(
+        "--retry-factor",
+        type=float,
+        default=1.0,
+        help="countdown of the in-task semaphore's self.retry(), in task durations (±50 %%)",
+    )
+    parser.add_argument("--output", type=Path, help="also write the table to this file")
+    parser.add_argument("--logs", type=Path, help="keep worker logs in this folder")
+    args = parser.parse_args(argv)
+    try:
+        scenarios = tuple(sorted({int(s) for s in args.scenarios.split(",") if s.strip()}))
+        durations = tuple(float(d) for d in args.durations.split(",") if d.strip())
+    except ValueError:
+        parser.error("--scenarios and --durations take comma-separated numbers")
+    if not set(scenarios) <= set(SCENARIOS):
+        parser.error(f"--scenarios: choose among {sorted(SCENARIOS)}")
+    if min(args.reps, args.limit, args.concurrency) < 1 or min(args.scale, args.retry_factor) <= 0:
+        parser.error("--reps, --scale, --limit, --concurrency, --retry-factor must be positive")
+    options = Options(
+        scenarios=scenarios,
+        reps=args.reps,
+        scale=args.scale,
+        memory_calls=args.memory_calls,
+        limit=args.limit,
+        concurrency=args.concurrency,
+        pool=args.pool,
+        durations_ms=durations,
+        dramatiq=not args.no_dramatiq and _dramatiq_available(),
+        retry_factor=args.retry_factor,
+    )
+    return options, args
+
+
+def _dramatiq_available() -> bool:
+    try:
+        import dramatiq  # noqa: F401
+        from dramatiq.rate_limits import ConcurrentRateLimiter  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _raise_exit(signum: int, frame: FrameType | None) -> None:
+    # Turn SIGTERM into SystemExit so the finally blocks stop every worker and server.
+    raise SystemExit(128 + signum)
+
+
+def _scenario_workers(bench: Bench, number: int) -> list[str]:
+    """Start the workers ``number`` needs beyond the shared ones; returns their names."""
+    opts = bench.options
+    if number == 2:
+        bench.start_workers({"c4": {"gated": False, "concurrency": opts.limit}})
+        started = ["c4"]
+        if opts.dramatiq:
+            _start_dramatiq(bench)
+            started.append("dramatiq")
+        return started
+    if number == 6:
+        bench.start_workers({"mem-plain": {"gated": False}, "mem-gated": {"gated": True}})
+        return ["mem-plain", "mem-gated"]
+    return []
+
+
+def _start_dramatiq(bench: Bench) -> None:
+    from .dramatiq_app import create_actors
+
+    cluster = bench.cluster
+    actors = create_actors(
+        cluster.urls["dramatiq"], cluster.urls["slots"], cluster.urls["probe"], cluster.prefix
+    )
+    bench.dramatiq_actors = actors
+    bench.workers["dramatiq"] = worker = cluster.dramatiq_worker(
+        "dramatiq", concurrency=bench.options.concurrency
+    )
+    tag = bench.tag("dramatiq-ping")
+    deadline = time.monotonic() + 60
+    actors.ping.send(tag)
+    while not bench.probe.llen(tag):
+        if not worker.alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the Dramatiq worker did not start:\n{worker.log_tail()}")
+        time.sleep(0.05)
+
+
+def run(options: Options, logs: Path | None = None) -> tuple[list[Row], list[str]]:
+    """Run the chosen scenarios; returns the rows and the condition lines."""
+    load_before = os.getloadavg()
+    rows: list[Row] = []
+    with Cluster(options.limit, options.free_limit, workdir=logs) as cluster:
+        bench = Bench(options, cluster)
+        bench.start_workers({"plain": {"gated": False}, "gated": {"gated": True}})
+        for number in options.scenarios:
+            label, scenario = SCENARIOS[number]
+            extra: list[str] = []
+            started = time.monotonic()
+            try:
+                extra = _scenario_workers(bench, number)
+                rows += scenario(bench)
+            except Exception as exc:
+                traceback.print_exc(file=sys.stderr)
+                rows.append(failed_row(label, exc))
+            finally:
+                for name in extra:
+                    worker = bench.workers.pop(name, None)
+                    if worker is not None:
+                        cluster.stop_worker(worker)
+            print(f"[{label}: {time.monotonic() - started:.0f} s]", file=sys.stderr, flush=True)
+        workdir = cluster.workdir
+    if any(row.verdict == "failed" for row in rows):
+        print(f"worker logs kept in {workdir}", file=sys.stderr)
+    elif logs is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+    settings = {
+        "pool": options.pool,
+        "concurrency": options.concurrency,
+        "limit": options.limit,
+        "reps": options.reps,
+        "scale": options.scale,
+        "memory calls": options.memory_calls,
+        "dramatiq": "yes" if options.dramatiq else "no (not installed or --no-dramatiq)",
+        "in-task retry factor": options.retry_factor,
+    }
+    return rows, conditions(settings, load_before)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status (1 when a scenario failed)."""
+    options, args = parse_options(argv)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(ValueError):  # not in the main thread
+            signal.signal(signum, _raise_exit)
+    started = time.monotonic()
+    rows, lines = run(options, args.logs)
+    lines.append(f"wall time: {time.monotonic() - started:.0f} s")
+    text = "\n".join(f"- {line}" for line in lines) + "\n\n" + render(rows, NOTES)
+    print(text)
+    if args.output:
+        args.output.write_text(text)
+    return 1 if any(row.verdict == "failed" for row in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

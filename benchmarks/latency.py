@@ -1,0 +1,182 @@
+"""Scenarios 3 (hand-off latency against the hop floor) and 4 (submit latency of ``.delay()``).
+
+Hand-off: a gate of one slot and a batch of short calls, so each call is started by the
+release of the one before it: the latency is next start - previous end, both taken inside
+the tasks. The hop floor is the same figure for one relay chain of plain tasks, each sending
+its successor at its end, measured in the same run.
+
+Submit: ``.delay()`` timed in this process against a queue no worker consumes; gated calls
+with a free slot (its slot is given back after each timed call, outside the timing) and with
+a full gate (every call is parked), against a plain task of an app without the extension.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any
+
+from celery_semaphore import extension_for
+
+from .harness import Bench, rotated
+from .proj import gated_task_name
+from .report import Row, verdict
+from .stats import Spread, percentile, ratio_of
+
+__all__ = ["handoff", "submit"]
+
+HANDOFF_MS = 5.0
+
+
+def handoff(bench: Bench) -> list[Row]:
+    """Scenario 3: end of a gated task to the start of the next parked call, p50 and p99."""
+    opts = bench.options
+    n = opts.calls(200, 10)
+    plain_w, gated_w = bench.worker("plain"), bench.worker("gated")
+    plain, gated = bench.plain_app(), bench.gate_app()
+    timeout = 30.0 + n * 0.2
+
+    def gate_batch(tag: str) -> int:
+        task = gated.tasks[gated_task_name("one")]
+        for _ in range(n):
+            task.apply_async((HANDOFF_MS, tag), queue=gated_w.queue)
+        return n
+
+    def relay_batch(tag: str) -> int:
+        plain.tasks["bench.relay"].apply_async((HANDOFF_MS, tag, 0, n), queue=plain_w.queue)
+        return n
+
+    variants = {"gate": (gated_w, gate_batch), "relay": (plain_w, relay_batch)}
+    p50: dict[str, list[float]] = defaultdict(list)
+    p99: dict[str, list[float]] = defaultdict(list)
+    for rep in range(opts.reps):
+        for name in rotated(list(variants), rep):
+            worker, batch_of = variants[name]
+            batch = bench.run_batch(worker, f"handoff-{name}", batch_of, timeout)
+            if name == "gate":
+                bench.wait_idle("one")
+            gaps_ms = [g * 1000.0 for g in batch.gaps()]
+            p50[name].append(percentile(gaps_ms, 50))
+            p99[name].append(percentile(gaps_ms, 99))
+    excess = ratio_of(p50["gate"], p50["relay"], op=lambda g, r: g - r)
+    label = "3 hand-off"
+    what = f"{n} calls of {HANDOFF_MS:g} ms, one slot"
+    return [
+        Row(label, "hop floor p50 (relay chain: end -> successor start)", _ms(p50["relay"])),
+        Row(label, "hop floor p99", _ms(p99["relay"])),
+        Row(label, f"gate hand-off p50 ({what})", _ms(p50["gate"])),
+        Row(
+            label,
+            "gate hand-off p50 - hop floor p50",
+            excess.format("{:.2f}", " ms"),
+            "<= 0.5 ms",
+            verdict(excess.median <= 0.5),
+        ),
+        Row(
+            label,
+            "gate hand-off p99",
+            _ms(p99["gate"]),
+            "< 15 ms",
+            verdict(Spread(p99["gate"]).median < 15.0),
+        ),
+    ]
+
+
+def _ms(values: list[float]) -> str:
+    return Spread(values).format("{:.2f}", " ms")
+
+
+def submit(bench: Bench) -> list[Row]:
+    """Scenario 4: ``.delay()`` of a gated call against a plain one, p50 / p99 and calls/s."""
+    opts = bench.options
+    n = opts.calls(500, 20)
+    cluster = bench.cluster
+    sink = f"{cluster.prefix}.sink"
+    plain = cluster.app(gated=False, default_queue=sink)
+    # A prefix of their own: nothing else sees these gates, so they can be filled at will.
+    gated = cluster.app(gated=True, prefix=f"{cluster.prefix}-submit", default_queue=sink)
+    ext = extension_for(gated)
+    assert ext is not None
+    # The full gate: its one slot held by a call that never runs, for longer than the run.
+    ext.gate("one").acquire("bench-filler", b"", lease_s=3600.0)
+    free_task = gated.tasks[gated_task_name("limited")]
+
+    def free(tag: str) -> list[float]:
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            result = free_task.delay(0, tag)
+            out.append(time.perf_counter() - t0)
+            ext.release("limited", result.id, None)
+        return out
+
+    def timed(task: Any) -> Any:
+        def run(tag: str) -> list[float]:
+            out = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                task.delay(0, tag)
+                out.append(time.perf_counter() - t0)
+            return out
+
+        return run
+
+    variants = {
+        "plain": timed(plain.tasks["bench.plain"]),
+        "free": free,
+        "full": timed(gated.tasks[gated_task_name("one")]),
+    }
+    # Warm up: connections, script loading, lazy imports.
+    for run in variants.values():
+        run(bench.tag("submit-warmup"))
+    _purge(plain, sink)
+    p50: dict[str, list[float]] = defaultdict(list)
+    p99: dict[str, list[float]] = defaultdict(list)
+    rate: dict[str, list[float]] = defaultdict(list)
+    for rep in range(opts.reps):
+        for name in rotated(list(variants), rep):
+            latencies = variants[name](bench.tag(f"submit-{name}"))
+            p50[name].append(percentile(latencies, 50) * 1e6)
+            p99[name].append(percentile(latencies, 99) * 1e6)
+            rate[name].append(len(latencies) / sum(latencies))
+            _purge(plain, sink)
+    label = "4 submit"
+    free_ratio = ratio_of(rate["free"], rate["plain"])
+    full_ratio = ratio_of(rate["full"], rate["plain"])
+    names = {"plain": "plain .delay()", "free": "gated, free slot", "full": "gated, full gate"}
+    rows = [
+        Row(
+            label,
+            f"{names[k]}: p50 / p99 / calls/s",
+            f"{Spread(p50[k]).format('{:.0f}', ' µs')} / {Spread(p99[k]).format('{:.0f}', ' µs')}"
+            f" / {Spread(rate[k]).format('{:.0f}', '/s')}",
+        )
+        for k in variants
+    ]
+    rows += [
+        Row(
+            label,
+            "gated (free slot) / plain, calls/s",
+            free_ratio.format(),
+            ">= 0.90",
+            verdict(free_ratio.median >= 0.90),
+        ),
+        Row(label, "gated (full gate, parked) / plain, calls/s", full_ratio.format()),
+    ]
+    _cleanup_gates(gated)
+    return rows
+
+
+def _purge(app: Any, queue: str) -> None:
+    with app.connection_for_write() as conn:
+        conn.default_channel.queue_purge(queue)
+
+
+def _cleanup_gates(app: Any) -> None:
+    # Only this scenario's apps ever saw these keys, so deleting them confuses no client.
+    ext = extension_for(app)
+    assert ext is not None
+    client = ext.client
+    keys = list(client.scan_iter(match=f"{{{ext.settings.key_prefix}:*", count=1000))
+    if keys:
+        client.delete(*keys)

@@ -1,0 +1,156 @@
+"""The Celery app of the benchmark, loaded by the harness and by ``celery -A benchmarks.proj``.
+
+Every task records itself with one ``RPUSH`` to the probe Redis at its end: ``"start end"``
+(``time.time()`` taken inside the task) under the list named by its ``tag`` argument, so the
+harness computes throughput and hand-off latency from timestamps the tasks took themselves.
+The record costs the same one round trip in every variant, so ratios are unaffected by it.
+
+Subprocess workers build the app from ``BENCH_*`` environment variables (see
+:func:`app_from_env`); ``BENCH_GATED=0`` gives plain Celery: no ``@gated`` task and no
+extension installed in the process.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import redis
+from celery import Celery, Task
+
+from .lock import InTaskSemaphore
+
+__all__ = ["GATES", "app_from_env", "create_app", "gated_task_name"]
+
+#: The gates of the gated app: ``free`` is sized so that no batch fills it, ``limited`` has
+#: the limit under test, ``one`` has a single slot (hand-off latency, full-gate submits).
+GATES = ("free", "limited", "one")
+
+
+def gated_task_name(gate: str) -> str:
+    """Name of the gated task that holds a slot of ``gate``."""
+    return f"bench.gated_{gate}"
+
+
+def create_app(
+    *,
+    broker_url: str,
+    slots_url: str,
+    probe_url: str,
+    prefix: str,
+    limit: int,
+    gated: bool,
+    free_limit: int = 2000,
+    lease_s: float = 30.0,
+    default_queue: str | None = None,
+) -> Celery:
+    """Build the benchmark app.
+
+    Args:
+        broker_url: the broker (a private Redis).
+        slots_url: the Redis of the slots and of the in-task semaphore.
+        probe_url: where tasks record their timestamps.
+        prefix: key prefix of this run's slots.
+        limit: limit of the gate ``limited`` and of the in-task semaphore under test.
+        gated: whether to define the ``@gated`` tasks (which installs the extension).
+        free_limit: limit of the gate ``free``: more than any batch queues at once. Not
+            larger: the package builds one slot object per unit of limit.
+        lease_s: ``semaphore_lease``.
+        default_queue: the queue ``.delay()`` sends to.
+
+    Returns:
+        The app, with tasks ``bench.plain``, ``bench.relay``, ``bench.locked`` and, when
+        ``gated``, ``bench.gated_free``, ``bench.gated_limited``, ``bench.gated_one``.
+    """
+    app = Celery("bench", broker=broker_url, set_as_current=False)
+    app.conf.update(
+        task_ignore_result=True,
+        task_default_queue=default_queue or f"{prefix}.default",
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        semaphore_redis_url=slots_url,
+        semaphore_key_prefix=prefix,
+        semaphore_limits={"free": free_limit, "limited": limit, "one": 1},
+        semaphore_lease=lease_s,
+    )
+    probe = redis.Redis.from_url(probe_url)
+
+    def record(tag: str, start: float, extra: str = "") -> None:
+        # The end is taken before the write, the same way in every variant.
+        end = time.time()
+        probe.rpush(tag, f"{start:.6f} {end:.6f}{extra}")
+
+    semaphore = InTaskSemaphore(redis.Redis.from_url(slots_url))
+
+    @app.task(name="bench.plain", shared=False)
+    def plain(ms: float, tag: str) -> None:
+        start = time.time()
+        if ms:
+            time.sleep(ms / 1000.0)
+        record(tag, start)
+
+    @app.task(name="bench.relay", bind=True, shared=False)
+    def relay(self: Task, ms: float, tag: str, chain: int, remaining: int) -> None:
+        start = time.time()
+        if ms:
+            time.sleep(ms / 1000.0)
+        record(tag, start, f" {chain} {remaining}")
+        if remaining > 1:
+            # Sent at the very end of the task, as a dispatch-on-release gate would.
+            self.apply_async(
+                (ms, tag, chain, remaining - 1), queue=self.request.delivery_info["routing_key"]
+            )
+
+    @app.task(name="bench.locked", bind=True, shared=False, max_retries=None)
+    def locked(self: Task, ms: float, tag: str, limit: int, retry_ms: float) -> None:
+        token = self.request.id
+        key = f"{prefix}:in-task:{tag}"  # one semaphore per batch: nothing leaks between runs
+        if not semaphore.acquire(key, token, limit):
+            probe.incr(f"{tag}:wasted")
+            # Jittered so retries do not come back in lockstep; about one task duration is
+            # the most favourable delay for this workaround (Celery's default is 180 s).
+            raise self.retry(countdown=retry_ms / 1000.0 * random.uniform(0.5, 1.5))
+        try:
+            start = time.time()
+            if ms:
+                time.sleep(ms / 1000.0)
+            record(tag, start)
+        finally:
+            semaphore.release(key, token)
+
+    if gated:
+        from celery_semaphore import gated as gate_decorator
+
+        for gate in GATES:
+            _define_gated(app, gate, gate_decorator, record)
+    return app
+
+
+def _define_gated(app: Celery, gate: str, decorator: Any, record: Any) -> None:
+    @decorator(gate)
+    @app.task(name=gated_task_name(gate), shared=False)
+    def run(ms: float, tag: str) -> None:
+        start = time.time()
+        if ms:
+            time.sleep(ms / 1000.0)
+        record(tag, start)
+
+
+def app_from_env(env: Mapping[str, str]) -> Celery:
+    """The app a subprocess worker loads, from ``BENCH_*`` variables."""
+    return create_app(
+        broker_url=env["BENCH_BROKER"],
+        slots_url=env["BENCH_SLOTS"],
+        probe_url=env["BENCH_PROBE"],
+        prefix=env["BENCH_PREFIX"],
+        limit=int(env["BENCH_LIMIT"]),
+        gated=env.get("BENCH_GATED", "1") == "1",
+        free_limit=int(env.get("BENCH_FREE_LIMIT", "2000")),
+        lease_s=float(env.get("BENCH_LEASE", "30")),
+    )
+
+
+app = app_from_env(os.environ) if "BENCH_BROKER" in os.environ else Celery("bench-unconfigured")

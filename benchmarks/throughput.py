@@ -1,0 +1,215 @@
+"""Scenarios 1 (overhead) and 2 (slot utilisation, with the relay ceiling).
+
+Throughput is calls / (last end - first start), from the tasks' own timestamps, with the
+batch queued before the worker consumes it. Utilisation is throughput / (limit / duration).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+from .harness import Batch, Bench, rotated
+from .proj import gated_task_name
+from .report import Row, verdict
+from .stats import Spread, ratio_of
+
+__all__ = ["overhead", "utilisation"]
+
+# Log lines celery_semaphore writes when it refuses a delivered run: wasted attempts.
+_REFUSED = ("duplicate run skipped", "lost its slot", "late copy skipped")
+
+
+def _send_many(task: Any, n: int, args: tuple[Any, ...], queue: str) -> int:
+    for _ in range(n):
+        task.apply_async(args, queue=queue)
+    return n
+
+
+def _timeout(calls: int, per_call_s: float) -> float:
+    # Generous: a run ten times slower than expected still completes, a stuck one fails.
+    return 30.0 + 10.0 * calls * per_call_s
+
+
+def overhead(bench: Bench) -> list[Row]:
+    """Scenario 1: trivial tasks through a gate that never fills, against plain Celery."""
+    opts = bench.options
+    n = opts.calls(1000, 20)
+    plain_w, gated_w = bench.worker("plain"), bench.worker("gated")
+    plain, gated = bench.plain_app(), bench.gate_app()
+    runs: dict[str, list[float]] = defaultdict(list)
+    cpu: dict[str, list[float]] = defaultdict(list)
+    batches = {
+        "plain": lambda tag: _send_many(plain.tasks["bench.plain"], n, (0, tag), plain_w.queue),
+        "gated": lambda tag: _send_many(
+            gated.tasks[gated_task_name("free")], n, (0, tag), gated_w.queue
+        ),
+        "in-task": lambda tag: _send_many(
+            plain.tasks["bench.locked"], n, (0, tag, opts.free_limit, 10.0), plain_w.queue
+        ),
+    }
+    workers = {"plain": plain_w, "gated": gated_w, "in-task": plain_w}
+    for rep in range(opts.reps):
+        for variant in rotated(list(batches), rep):
+            batch = bench.run_batch(
+                workers[variant], f"overhead-{variant}", batches[variant], _timeout(n, 0.002)
+            )
+            runs[variant].append(batch.throughput)
+            cpu[variant].append(batch.cpu_s / n * 1e6)
+            if variant == "gated":
+                bench.wait_idle("free")
+    ratio = ratio_of(runs["gated"], runs["plain"])
+    in_task = ratio_of(runs["in-task"], runs["plain"])
+    name = "1 overhead"
+    per = f"{n} trivial calls, -c {opts.concurrency}"
+    return [
+        Row(name, f"plain Celery throughput ({per})", Spread(runs["plain"]).format("{:.0f}", "/s")),
+        Row(
+            name,
+            f"gated throughput, gate never fills (limit {opts.free_limit})",
+            Spread(runs["gated"]).format("{:.0f}", "/s"),
+        ),
+        Row(name, "gated / plain", ratio.format(), ">= 0.90", verdict(ratio.median >= 0.90)),
+        Row(
+            name,
+            "worker CPU per call, plain / gated / in-task (10 ms clock ticks)",
+            " / ".join(
+                Spread(cpu[k]).format("{:.0f}", " µs") for k in ("plain", "gated", "in-task")
+            ),
+        ),
+        Row(
+            name,
+            "in-task Redis semaphore, never contended / plain",
+            in_task.format(),
+            "reference: 0.74 (26 % cost)",
+        ),
+    ]
+
+
+def utilisation(bench: Bench) -> list[Row]:
+    """Scenario 2: limit N, worker concurrency 8, tasks of each duration; and the relay ceiling."""
+    rows: list[Row] = []
+    for ms in bench.options.durations_ms:
+        rows += _utilisation_at(bench, ms)
+    return rows
+
+
+def _utilisation_at(bench: Bench, ms: float) -> list[Row]:
+    opts = bench.options
+    limit = opts.limit
+    n = opts.calls(400 if ms <= 10 else 80, limit * 5)
+    n_dramatiq = opts.calls(200 if ms <= 10 else 40, limit * 5)
+    ideal = limit / (ms / 1000.0)
+    plain_w, gated_w, c4_w = bench.worker("plain"), bench.worker("gated"), bench.worker("c4")
+    plain, gated = bench.plain_app(), bench.gate_app()
+    per_chain = max(1, n // limit)
+    timeout = _timeout(n, ms / 1000.0 / limit)
+
+    def relay(tag: str) -> int:
+        for chain in range(limit):
+            plain.tasks["bench.relay"].apply_async((ms, tag, chain, per_chain), queue=plain_w.queue)
+        return per_chain * limit
+
+    variants: dict[str, tuple[Any, Any, int]] = {
+        "gate": (
+            gated_w,
+            lambda tag: _send_many(
+                gated.tasks[gated_task_name("limited")], n, (ms, tag), gated_w.queue
+            ),
+            n,
+        ),
+        "relay": (plain_w, relay, per_chain * limit),
+        "c4": (
+            c4_w,
+            lambda tag: _send_many(plain.tasks["bench.plain"], n, (ms, tag), c4_w.queue),
+            n,
+        ),
+        "in-task": (
+            plain_w,
+            lambda tag: _send_many(
+                plain.tasks["bench.locked"],
+                n,
+                (ms, tag, limit, ms * opts.retry_factor),
+                plain_w.queue,
+            ),
+            n,
+        ),
+    }
+    if "dramatiq" in bench.workers:
+        actor = bench.dramatiq_actors.limited
+
+        def dramatiq_batch(tag: str) -> int:
+            for _ in range(n_dramatiq):
+                actor.send_with_options(args=(ms, tag, limit), min_backoff=max(1, int(ms)))
+            return n_dramatiq
+
+        variants["dramatiq"] = (bench.worker("dramatiq"), dramatiq_batch, n_dramatiq)
+
+    util: dict[str, list[float]] = defaultdict(list)
+    wasted: dict[str, list[float]] = defaultdict(list)
+    for rep in range(opts.reps):
+        for name in rotated(list(variants), rep):
+            worker, submit, calls = variants[name]
+            refused_before = _count_refused(gated_w.log) if name == "gate" else 0
+            batch: Batch = bench.run_batch(worker, f"util{ms:g}-{name}", submit, timeout * 3)
+            if name == "gate":
+                bench.wait_idle("limited")
+                batch.wasted = _count_refused(gated_w.log) - refused_before
+            util[name].append(batch.throughput / ideal)
+            wasted[name].append(1000.0 * batch.wasted / calls)
+
+    label = f"2 utilisation {ms:g} ms"
+    gate_vs_relay = ratio_of(util["gate"], util["relay"])
+    rows = [
+        Row(label, f"relay ceiling: {limit} chains of plain tasks, / (N/d)", _u(util["relay"])),
+        Row(
+            label,
+            f"celery_semaphore (limit {limit}, -c {opts.concurrency}), / (N/d)",
+            _u(util["gate"], wasted["gate"]),
+            ">= 0.95" if ms >= 100 else "—",
+            verdict(Spread(util["gate"]).median >= 0.95) if ms >= 100 else "info",
+        ),
+        Row(
+            label,
+            "celery_semaphore / relay ceiling",
+            gate_vs_relay.format(),
+            ">= 0.90" if ms <= 10 else "—",
+            verdict(gate_vs_relay.median >= 0.90) if ms <= 10 else "info",
+        ),
+        Row(label, f"dedicated worker -c {limit}, / (N/d)", _u(util["c4"], wasted["c4"])),
+        Row(
+            label,
+            "in-task Redis semaphore + self.retry(), / (N/d)",
+            _u(util["in-task"], wasted["in-task"]),
+            "reference: 0.45-0.49 at 10 ms" if ms <= 10 else "reference: 0.88",
+        ),
+    ]
+    if "dramatiq" in variants:
+        rows.append(
+            Row(
+                label,
+                f"Dramatiq ConcurrentRateLimiter ({n_dramatiq} calls), / (N/d)",
+                _u(util["dramatiq"], wasted["dramatiq"]),
+                "reference: 0.10-0.13 at 10 ms" if ms <= 10 else "reference: 0.19",
+            )
+        )
+    return rows
+
+
+def _u(util: list[float], wasted: list[float] | None = None) -> str:
+    text = Spread(util).format()
+    if wasted is not None:
+        w = Spread(wasted)
+        text += (
+            f"; wasted attempts {w.format('{:.0f}')}/1000 calls" if not math.isnan(w.median) else ""
+        )
+    return text
+
+
+def _count_refused(log: Any) -> int:
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return 0
+    return sum(text.count(marker) for marker in _REFUSED)
