@@ -285,7 +285,7 @@ class Extension:
         envelope: Envelope,
     ) -> Any:
         outcome, _ = gate.acquire(
-            task_id, envelope.encode(), delay_ms=delay_ms, lease_s=spec.lease_s, backup=backup
+            task_id, envelope.encode, delay_ms=delay_ms, lease_s=spec.lease_s, backup=backup
         )
         if outcome not in (Acquired.GRANTED, Acquired.HELD):
             return None  # parked, or kept as a backup: published when a slot is handed over

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import redis
@@ -131,23 +131,16 @@ class Reclaim(NamedTuple):
     dropped: list[tuple[str, str]]
 
 
+#: The keys of one semaphore, in the order the scripts receive them (see lua/common.lua).
+KEY_PARTS = (
+    "state", "holders", "meta", "queue", "calls", "slots", "ended", "aside", "suspect", "free",
+)  # fmt: skip
+
+
 def keys_for(prefix: str, name: str) -> tuple[str, ...]:
     """Return the Redis keys of semaphore ``name``; they share one hash tag for Redis Cluster."""
     tag = f"{{{prefix}:{name}}}"
-    return tuple(
-        f"{tag}:{part}"
-        for part in (
-            "state",
-            "holders",
-            "meta",
-            "queue",
-            "calls",
-            "slots",
-            "ended",
-            "aside",
-            "suspect",
-        )
-    )
+    return tuple(f"{tag}:{part}" for part in KEY_PARTS)
 
 
 def _text(value: Any) -> str:
@@ -201,6 +194,8 @@ class Gate:
         #: The data set this gate last saw (see common.lua); a change means Redis lost data.
         self.epoch = ""
         self._recover_ms = int(lease_s * 1000)
+        # Whether the last acquire parked: then the next one sends its message up front.
+        self._expect_full = False
 
     def __repr__(self) -> str:
         return f"<Gate {self.name!r} limit={self.limit} lease={self.lease_s}s>"
@@ -223,7 +218,7 @@ class Gate:
     def acquire(
         self,
         task_id: str,
-        message: bytes,
+        message: bytes | Callable[[], bytes],
         *,
         delay_ms: int = 0,
         lease_s: float | None = None,
@@ -232,17 +227,30 @@ class Gate:
     ) -> tuple[Acquired, int]:
         """Take a slot for ``task_id`` if one is free and no call waits, else park it.
 
-        ``message`` is stored only when the call is parked; ``delay_ms`` (a countdown) delays
-        the start of the lease; ``backup`` marks a copy refused as a second live execution
-        (see acquire.lua). Returns the outcome and the fence (granted, held) or the number of
+        ``message`` (bytes, or a function that encodes them) is stored only when the call is
+        parked. While the gate had free slots the last time, the message is not encoded or
+        sent up front; should the call have to park after all, the script writes nothing and
+        asks for it, costing one more round trip then. ``delay_ms`` (a countdown) delays the
+        start of the lease; ``backup`` marks a copy refused as a second live execution (see
+        acquire.lua). Returns the outcome and the fence (granted, held) or the number of
         parked calls (parked).
         """
-        reply = self._run(
-            self.scripts.acquire,
-            now_ms,
-            [task_id, self.limit, self._lease_ms(lease_s), int(delay_ms), message, int(backup)],
-        )
-        return Acquired(code_of("acquire", reply, (0, 1, 2, 3, 4, 5))), int(reply[2])
+        encode = message if callable(message) else (lambda: message)
+        lease_ms = self._lease_ms(lease_s)
+        eager = backup or not callable(message) or self._expect_full
+        for payload in ((encode() if eager else b""), None):
+            if payload is None:
+                payload = encode()
+            reply = self._run(
+                self.scripts.acquire,
+                now_ms,
+                [task_id, self.limit, lease_ms, int(delay_ms), payload, int(backup)],
+            )
+            code = code_of("acquire", reply, (0, 1, 2, 3, 4, 5, 6))
+            if code != 6:
+                break
+        self._expect_full = code in (Acquired.PARKED, Acquired.ALREADY_PARKED)
+        return Acquired(code), int(reply[2])
 
     def start(
         self,

@@ -21,7 +21,7 @@ from .config import check_seconds
 from .errors import ConfigurationError
 from .gate import Claimed, Gate, Grant, Malformed
 from .scripts import Scripts
-from .slot import AbstractSlot, RedisSlot
+from .slot import AbstractSlot
 
 __all__ = ["Scheduler", "SlotConfig", "parse_slot_configs", "DEFAULT_SLOT_TIMEOUT_S"]
 
@@ -175,12 +175,15 @@ class Scheduler:
         return self
 
     def add_semaphore(self, name: str, limit: int, lease_s: float) -> Gate:
-        """Add a semaphore of ``limit`` slots serving only gated calls (what ``@gated`` uses)."""
-        cfgs = [
-            SlotConfig(f"{name}#{i}", (GatedCalls,), RedisSlot, lease_s, name)
-            for i in range(1, limit + 1)
-        ]
-        return self._add_semaphore(name, cfgs)
+        """Add a semaphore of ``limit`` slots serving only gated calls (what ``@gated`` uses).
+
+        Its slots live in Redis alone: the scripts hand them over, nothing here polls them,
+        so no slot object is built per unit of the limit.
+        """
+        gate = self._gate_factory(name, limit, lease_s)
+        self._gates[name] = gate
+        self._backend_instance(name, gate, GatedCalls)
+        return gate
 
     def _add_semaphore(self, name: str, cfgs: list[SlotConfig]) -> Gate:
         # Slots that serve parked calls first take numbers 1..k: the scripts hand a freed

@@ -129,7 +129,9 @@ def on_prerun(sender: Any = None, task_id: str | None = None, task: Any = None, 
     ext = _ext_for(task)
     if name is None or ext is None:
         return
-    redeliver = bool(getattr(task, "acks_late", False))
+    # Whether anything brings the call back if this worker dies: an unacknowledged message
+    # (acks_late), or Celery's own retry of a lost child.
+    redeliver = bool(getattr(task, "acks_late", False) or getattr(task, "retry_on_worker_lost", 0))
     verdict, fence, backend_name = ext.gate(name).start(task_id, _runner(), redeliver=redeliver)
     request.semaphore_verdict = verdict
     request.semaphore_fence = fence if verdict.runs else None

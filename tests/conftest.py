@@ -72,6 +72,15 @@ def slot_keys(client: redis.Redis, prefix: str) -> list[str]:
     return sorted(k.decode() for k in client.scan_iter(match=f"{{{prefix}:*", count=1000))
 
 
+#: What a semaphore keeps at rest, whatever it ran: its state hash and its free-slot set.
+AT_REST = ("state", "free")
+
+
+def at_rest(prefix: str, *gates: str) -> list[str]:
+    """The keys ``gates`` keep once no call is parked, held or remembered."""
+    return sorted(f"{{{prefix}:{gate}}}:{part}" for gate in gates for part in AT_REST)
+
+
 @pytest.fixture
 def make_app(urls: dict[str, str], prefix: str) -> Callable[..., Celery]:
     """Build this test's app (see tests/proj.py)."""

@@ -13,7 +13,7 @@ from kombu.exceptions import EncodeError
 from celery_semaphore import TICK_TASK, RedisUnavailable, extension_for
 from celery_semaphore.gate import Acquired
 
-from .conftest import slot_keys, threads_worker, wait_for
+from .conftest import at_rest, slot_keys, threads_worker, wait_for
 
 
 def test_a_hundred_calls_through_a_gate_of_three_never_run_more_than_three_at_once(
@@ -29,7 +29,7 @@ def test_a_hundred_calls_through_a_gate_of_three_never_run_more_than_three_at_on
     assert gate.held() == 0
     assert gate.parked() == 0
     # Per-call data is gone: only the gate's state hash remains.
-    assert slot_keys(slots, prefix) == [f"{{{prefix}:work}}:state"]
+    assert slot_keys(slots, prefix) == at_rest(prefix, "work")
 
 
 def test_the_decorator_works_above_and_below_app_task(make_app: Callable[..., Celery]) -> None:

@@ -11,7 +11,7 @@ from celery_semaphore.errors import RedisUnavailable
 from celery_semaphore.gate import Acquired, Claimed, Gate, Started, keys_for
 from celery_semaphore.scripts import Scripts
 
-from .conftest import slot_keys
+from .conftest import at_rest, slot_keys
 
 T0 = 1_700_000_000_000  # a fixed "now" in ms; every call below passes an explicit clock
 
@@ -163,13 +163,13 @@ def test_a_gate_at_rest_keeps_only_its_state_hash(
     for call in "abcdef":
         for g in gate.release(call, now_ms=T0).grants:
             gate.start(g.task_id, "w", now_ms=T0)
-    assert slot_keys(slots, prefix) == [f"{{{prefix}:g}}:state"]
+    assert slot_keys(slots, prefix) == at_rest(prefix, "g")
 
 
 def test_every_key_of_a_gate_shares_one_hash_tag() -> None:
     tags = {key.split("}")[0] for key in keys_for("semaphore", "crawler")}
     assert tags == {"{semaphore:crawler"}
-    assert len(keys_for("semaphore", "crawler")) == 9
+    assert len(keys_for("semaphore", "crawler")) == 10
 
 
 def test_cancel_removes_a_parked_call_only(gate: Gate) -> None:

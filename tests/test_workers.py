@@ -13,7 +13,7 @@ from celery_semaphore import extension_for
 from celery_semaphore.gate import Acquired
 
 from . import proj
-from .conftest import Processes, slot_keys, threads_worker, wait_for
+from .conftest import Processes, at_rest, slot_keys, threads_worker, wait_for
 
 
 def test_a_prefork_worker_and_a_real_beat_keep_a_hundred_calls_within_three_slots(
@@ -29,7 +29,7 @@ def test_a_prefork_worker_and_a_real_beat_keep_a_hundred_calls_within_three_slot
     assert probe.value("done") == 100
     gate = extension_for(app).gate("work")
     assert (gate.held(), gate.parked()) == (0, 0)
-    assert slot_keys(slots, prefix) == [f"{{{prefix}:work}}:state"]
+    assert slot_keys(slots, prefix) == at_rest(prefix, "work")
 
 
 def test_beat_returns_the_slot_of_a_dead_holder_within_lease_plus_tick(
@@ -76,7 +76,7 @@ def test_rabbitmq_as_broker_with_redis_only_for_the_slots(
             results = [app.tasks["proj.work"].delay(20) for _ in range(100)]
             assert [r.get(timeout=60) for r in results] == [20] * 100
         assert app.probe.value("peak") == 3
-        assert slot_keys(slots, prefix) == [f"{{{prefix}:work}}:state"]
+        assert slot_keys(slots, prefix) == at_rest(prefix, "work")
     finally:
         with app.connection_for_write() as conn:
             conn.default_channel.queue_delete(prefix)

@@ -4,13 +4,15 @@
 -- ARGV[5] limit      int, slots 1..limit serve gated calls
 -- ARGV[6] lease_ms   int, lease of the slot once granted
 -- ARGV[7] delay_ms   int, the call's countdown/ETA from now (0 for none); its lease starts then
--- ARGV[8] message    the serialized message, stored only when the call is parked
+-- ARGV[8] message    the serialized message, stored only when the call is parked; '' when the
+--                    caller expects a free slot (it then saves encoding and sending it)
 -- ARGV[9] backup     '1' when a worker refused this call as a second live execution and sends
 --                    it as a backup: kept beside the running call, parked only if that one dies
 -- Returns {epoch, 1, fence} granted now, {epoch, 0, parked count} parked,
 --         {epoch, 2, fence} the call already holds a slot (a retry or re-send): it keeps it,
 --         {epoch, 3, 0} the call is already parked,
---         {epoch, 4, fence} backup kept, {epoch, 5, 0} backup dropped (the call already ended).
+--         {epoch, 4, fence} backup kept, {epoch, 5, 0} backup dropped (the call already ended),
+--         {epoch, 6, 0} the call must park but no message came: nothing written, send it again.
 local id = ARGV[4]
 local limit = gate_limit(ARGV[5])
 local lease_ms = tonumber(ARGV[6])
@@ -49,6 +51,7 @@ if redis.call('ZCARD', K_QUEUE) == 0 then
   local slot = admit(limit)
   if slot then return {EPOCH, 1, grant(id, record, 'g', slot)} end
 end
+if ARGV[8] == '' then return {EPOCH, 6, 0} end
 record.q = redis.call('HINCRBY', K_STATE, 'seq', 1)
 record.s = 'p'
 save(id, record)

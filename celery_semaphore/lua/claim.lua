@@ -21,4 +21,5 @@ else
 end
 rec.l = tonumber(ARGV[6])
 rec.b = ARGV[7]
+redis.call('ZREM', K_FREE, slot)
 return {EPOCH, 1, grant(id, rec, 'g', slot), message}

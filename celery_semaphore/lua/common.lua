@@ -19,6 +19,9 @@
 --                                     (unreadable record or message), kept for an operator
 --   KEYS[9] {prefix:G}:suspect  zset  "id runner" -> when the lease of a running call expired
 --                                     with no redelivery coming; due ones are reported dropped
+--   KEYS[10] {prefix:G}:free    zset  free slot numbers among 1..limit (score = number), so a
+--                                     grant pops the lowest at O(log n); rebuilt when the limit
+--                                     it was built for (state field free_for) changes
 -- Every script takes ARGV[1] now_ms ('' for Redis TIME), ARGV[2] the epoch the client saw last
 -- ('' if none), ARGV[3] recovery ms (the longest lease); its own arguments follow. Every reply
 -- starts with the current epoch.
@@ -26,6 +29,7 @@ if redis.replicate_commands then redis.replicate_commands() end
 
 local K_STATE, K_HOLDERS, K_META, K_QUEUE = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_CALLS, K_SLOTS, K_ENDED, K_ASIDE, K_SUSPECT = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local K_FREE = KEYS[10]
 
 -- One clock for every host: Redis TIME, unless a test passes an explicit time.
 local function clock(arg)
@@ -36,45 +40,70 @@ end
 
 local NOW = clock(ARGV[1])
 
+-- The state fields every script needs, read in one command.
+local STATE = redis.call('HMGET', K_STATE, 'epoch', 'recover_until', 'limit', 'free_for')
+local EPOCH, RECOVER_UNTIL, LIMIT_OVERRIDE, FREE_FOR = STATE[1], STATE[2], STATE[3], STATE[4]
+
 -- A client that saw another epoch (or none where it expected one) means the data set was
 -- lost (restart without persistence, flush): slots held by calls still running are unknown,
 -- so the gate admits nothing new until they re-register or the longest lease has passed.
-local EPOCH = redis.call('HGET', K_STATE, 'epoch')
 if not EPOCH then
   EPOCH = tostring(NOW)
   redis.call('HSET', K_STATE, 'epoch', EPOCH)
 end
 if ARGV[2] ~= '' and ARGV[2] ~= EPOCH and redis.call('HSETNX', K_STATE, 'lost:' .. ARGV[2], NOW) == 1 then
-  redis.call('HSET', K_STATE, 'recover_until', NOW + tonumber(ARGV[3]))
+  RECOVER_UNTIL = tostring(NOW + tonumber(ARGV[3]))
+  redis.call('HSET', K_STATE, 'recover_until', RECOVER_UNTIL)
 end
 
 local function recovering()
-  local until_ms = redis.call('HGET', K_STATE, 'recover_until')
-  if not until_ms then return false end
-  if tonumber(until_ms) > NOW then return true end
+  if not RECOVER_UNTIL then return false end
+  if tonumber(RECOVER_UNTIL) > NOW then return true end
   redis.call('HDEL', K_STATE, 'recover_until')
+  RECOVER_UNTIL = nil
   return false
 end
 
 -- An operator's override (resize) wins over the limit the caller was configured with.
 local function gate_limit(configured)
-  local override = redis.call('HGET', K_STATE, 'limit')
-  if override then return tonumber(override) end
+  if LIMIT_OVERRIDE then return tonumber(LIMIT_OVERRIDE) end
   return tonumber(configured)
 end
 
--- The lowest free slot among 1..limit, the slots that serve parked calls first.
-local function free_slot(limit)
+-- The free-slot set serves slots 1..limit; built once per limit (and after lost data).
+local function ensure_free(limit)
+  if FREE_FOR == tostring(limit) then return end
+  redis.call('DEL', K_FREE)
   for i = 1, limit do
-    if redis.call('HEXISTS', K_SLOTS, i) == 0 then return tostring(i) end
+    if redis.call('HEXISTS', K_SLOTS, i) == 0 then redis.call('ZADD', K_FREE, i, i) end
   end
-  return nil
+  FREE_FOR = tostring(limit)
+  redis.call('HSET', K_STATE, 'free_for', FREE_FOR)
+end
+
+local function has_free(limit)
+  ensure_free(limit)
+  return redis.call('ZCARD', K_FREE) > 0
+end
+
+-- Take the lowest free slot among 1..limit, or nil.
+local function take_slot(limit)
+  ensure_free(limit)
+  local popped = redis.call('ZPOPMIN', K_FREE)
+  if #popped == 0 then return nil end
+  return popped[1]
 end
 
 -- A slot a new call may take now: none while recovering from lost data.
 local function admit(limit)
   if recovering() then return nil end
-  return free_slot(limit)
+  return take_slot(limit)
+end
+
+-- Give slot n back (to the free set when it is one of 1..limit).
+local function unslot(n)
+  redis.call('HDEL', K_SLOTS, n)
+  if FREE_FOR and tonumber(n) <= tonumber(FREE_FOR) then redis.call('ZADD', K_FREE, n, n) end
 end
 
 local function load(id)
@@ -91,12 +120,12 @@ end
 
 local function forget(id, rec)
   if rec and rec.n then
-    if redis.call('HGET', K_SLOTS, rec.n) == id then redis.call('HDEL', K_SLOTS, rec.n) end
+    if redis.call('HGET', K_SLOTS, rec.n) == id then unslot(rec.n) end
   elseif rec == false then
     -- An unreadable record does not say its slot: look for it.
     local all = redis.call('HGETALL', K_SLOTS)
     for i = 1, #all, 2 do
-      if all[i + 1] == id then redis.call('HDEL', K_SLOTS, all[i]) end
+      if all[i + 1] == id then unslot(all[i]) end
     end
   end
   redis.call('ZREM', K_HOLDERS, id)
@@ -123,9 +152,7 @@ end
 -- aside (KEYS[8]) and returned as {id, -1, raw} for the caller to log.
 local function handoff(limit, out)
   if recovering() then return out end
-  while redis.call('ZCARD', K_QUEUE) > 0 do
-    local slot = free_slot(limit)
-    if not slot then break end
+  while redis.call('ZCARD', K_QUEUE) > 0 and has_free(limit) do
     local id = redis.call('ZRANGE', K_QUEUE, 0, 0)[1]
     local rec = load(id)
     local message = redis.call('HGET', K_CALLS, id)
@@ -136,7 +163,7 @@ local function handoff(limit, out)
       out[#out + 1] = {id, -1, raw}
     else
       redis.call('ZREM', K_QUEUE, id)
-      out[#out + 1] = {id, grant(id, rec, 'g', slot), message}
+      out[#out + 1] = {id, grant(id, rec, 'g', take_slot(limit)), message}
     end
   end
   return out

@@ -21,8 +21,8 @@ for i = 6, #ARGV do
       kept[#kept + 1] = id
       kept[#kept + 1] = rec.b
     end
-  elseif rec == nil and reregister and free_slot(limit) then
-    grant(id, {l = tonumber(ARGV[5]), e = 0, x = 1, w = 'keepalive'}, 'r', free_slot(limit))
+  elseif rec == nil and reregister and has_free(limit) then
+    grant(id, {l = tonumber(ARGV[5]), e = 0, x = 1, w = 'keepalive'}, 'r', take_slot(limit))
   else
     lost[#lost + 1] = id
   end

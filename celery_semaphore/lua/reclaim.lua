@@ -15,7 +15,7 @@ local reclaimed = {}
 for _, id in ipairs(expired) do
   local rec = load(id)
   if rec and rec.s ~= 'p' and redis.call('HEXISTS', K_CALLS, id) == 1 then
-    if rec.n and redis.call('HGET', K_SLOTS, rec.n) == id then redis.call('HDEL', K_SLOTS, rec.n) end
+    if rec.n and redis.call('HGET', K_SLOTS, rec.n) == id then unslot(rec.n) end
     redis.call('ZREM', K_HOLDERS, id)
     reclaimed[#reclaimed + 1] = {id, 'parked', rec.w or '', rec.f, rec.b or '', rec.n or '', 1}
     rec.s = 'p'
