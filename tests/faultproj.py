@@ -26,6 +26,7 @@ from celery import Celery, signals
 
 from celery_semaphore import current_fence, gated, holds_slot
 from celery_semaphore.message import Envelope
+from celery_semaphore.worker import process_alive
 
 GATE = "work"
 
@@ -55,21 +56,13 @@ class Probe:
     def watched(self) -> dict[str, list[int]]:
         """The watched processes, and those of them alive now (a zombie counts as dead)."""
         pids = sorted(int(x) for x in self.client.smembers(self.key("watch")))
-        return {"watched": pids, "alive": [p for p in pids if _alive(p)]}
+        return {"watched": pids, "alive": [p for p in pids if process_alive(p)]}
 
     def set_flag(self, name: str) -> None:
         self.client.set(self.key(f"flag:{name}"), 1)
 
     def flag(self, name: str) -> bool:
         return bool(self.client.exists(self.key(f"flag:{name}")))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
 
 
 def create_app(
