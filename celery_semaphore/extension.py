@@ -251,9 +251,16 @@ class Extension:
     def send_task_message(self, producer: Any, name: str, message: Any, **options: Any) -> Any:
         """Celery's ``amqp.send_task_message``, gated for gated tasks."""
         spec = self.spec_for(name)
-        headers = message[0]
-        if spec is None or not isinstance(headers, dict) or "id" not in headers:
+        if spec is None:
             return self._original()(producer, name, message, **options)
+        headers = message[0]
+        if not isinstance(headers, dict) or "id" not in headers:
+            # Protocol 1 carries no headers to hold the slot's token: refuse rather than
+            # publish a gated call without a slot.
+            raise ConfigurationError(
+                f"{name} is gated, which needs Celery's task protocol 2 (the default); "
+                f"task_protocol is {self.app.conf.task_protocol}"
+            )
         gate = self.gate(spec.gate or name)
         headers[signals.HEADER] = gate.name
         # Not published: a backup must not look like one when it finally runs and retries.

@@ -173,3 +173,14 @@ def test_django_style_namespaced_settings_are_honoured() -> None:
     settings = Settings.from_conf(app.conf)
     assert settings.limits == {"crawler": 7}
     assert settings.redis_url == "redis://127.0.0.1:6379/4"
+
+
+def test_a_gated_call_under_task_protocol_1_is_refused_not_sent_ungated() -> None:
+    app = new_app(task_protocol=1, semaphore_limits={"p1": 1})
+
+    @gated("p1")
+    @app.task(name="t.p1", shared=False)
+    def p1() -> None: ...
+
+    with pytest.raises(ConfigurationError, match="task protocol 2"):
+        p1.delay()
