@@ -360,9 +360,14 @@ class Extension:
     # -- keepalive and tick ----------------------------------------------------------------
 
     def keepalive_interval(self) -> float:
-        """Seconds between two keepalives of running calls: a third of the shortest lease."""
+        """Seconds between two keepalives of running calls: a third of the shortest lease.
+
+        Leases come from ``semaphore_lease``, ``@gated(lease=...)`` and the ``timeout`` of
+        the ``semaphore_slots`` slots, whose tasks the same keepalive renews.
+        """
         leases = [self.settings.lease_s]
         leases += [s.lease_s for s in self._specs.values() if s is not None and s.lease_s]
+        leases += [slot.timeout_s for slot in self.scheduler.slots]  # semaphore_slots timeouts
         return max(min(leases) / 3.0, 0.05)
 
     def keepalive(self, calls: dict[str, list[str]]) -> list[str]:

@@ -352,3 +352,10 @@ def test_semaphore_slots_that_clash_with_semaphore_limits_are_refused(
     app = make_app(semaphore_slots=[slot(1, "First", semaphore="work")])
     with pytest.raises(ConfigurationError, match="semaphore 'work' is sized by"):
         _ = extension_for(app).scheduler
+
+
+def test_the_keepalive_period_covers_the_shortest_slot_timeout(
+    make_app: Callable[..., Celery],
+) -> None:
+    app = make_app(semaphore_lease=30, semaphore_slots=[slot(1, "First", timeout=3)])
+    assert extension_for(app).keepalive_interval() == pytest.approx(1.0)
