@@ -272,7 +272,8 @@ class Extension:
             extra_headers = dict(extra_headers)
             backup = extra_headers.pop(signals.BACKUP_HEADER) == "1" or backup
             options["headers"] = extra_headers
-        delay_ms = _delay_ms(headers.get("eta"), self.app.now())
+        eta = headers.get("eta")
+        delay_ms = _delay_ms(eta, self.app.now()) if eta else 0
 
         def on_task(real_producer: Any, envelope: Envelope) -> Any:
             return self._publish_gated(
