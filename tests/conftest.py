@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -125,98 +122,3 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "c
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.02)
-
-
-class Processes:
-    """Subprocess workers and beats of one test, all killed at the end."""
-
-    def __init__(self, env: dict[str, str], tmp: Path) -> None:
-        self.env = env
-        self.tmp = tmp
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def _spawn(self, args: list[str], log: str) -> subprocess.Popen[bytes]:
-        out = open(self.tmp / log, "wb")  # noqa: SIM115  closed with the process
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tests.proj", *args],
-            cwd=ROOT,
-            env=self.env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.procs.append(proc)
-        return proc
-
-    def worker(self, name: str, concurrency: int = 8, *extra: str) -> subprocess.Popen[bytes]:
-        """Start a prefork worker and wait until it answers a ping."""
-        proc = self._spawn(
-            [
-                "worker",
-                "-P",
-                "prefork",
-                "-c",
-                str(concurrency),
-                "-n",
-                f"{name}@%h",
-                "-Q",
-                self.env["CS_QUEUE"],
-                "--without-gossip",
-                "--without-mingle",
-                "-l",
-                "WARNING",
-                *extra,
-            ],
-            f"{name}.log",
-        )
-        app = proj.app_from_env(self.env)
-        host = f"{name}@{os.uname().nodename}"
-        wait_for(
-            lambda: proc.poll() is not None or app.control.ping([host], timeout=0.5),
-            timeout=60,
-            what=f"worker {host} to answer a ping",
-        )
-        assert proc.poll() is None, (self.tmp / f"{name}.log").read_text()
-        return proc
-
-    def beat(self, name: str = "beat") -> subprocess.Popen[bytes]:
-        """Start celery beat with a schedule file of this test."""
-        return self._spawn(
-            [
-                "beat",
-                "-s",
-                str(self.tmp / f"{name}-schedule"),
-                "-l",
-                "INFO",
-                "--pidfile",
-                str(self.tmp / f"{name}.pid"),
-            ],
-            f"{name}.log",
-        )
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-
-
-@pytest.fixture
-def processes(urls: dict[str, str], prefix: str, tmp_path: Path) -> Iterator[Processes]:
-    """Start subprocess workers and beats with this test's configuration."""
-    env = dict(os.environ)
-    env.update(
-        CS_BROKER=urls["broker"],
-        CS_BACKEND=urls["backend"],
-        CS_SLOTS=urls["slots"],
-        CS_PROBE=urls["probe"],
-        CS_PREFIX=prefix,
-        CS_QUEUE=prefix,
-        PYTHONPATH=str(ROOT),
-    )
-    procs = Processes(env, tmp_path)
-    try:
-        yield procs
-    finally:
-        procs.stop_all()

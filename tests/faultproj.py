@@ -28,6 +28,8 @@ from celery_semaphore import current_fence, gated, holds_slot
 from celery_semaphore.message import Envelope
 from celery_semaphore.worker import process_alive
 
+from .proj import base_app
+
 GATE = "work"
 
 
@@ -78,19 +80,12 @@ def create_app(
     **conf: Any,
 ) -> Celery:
     """Build an app whose tasks share the semaphore ``work`` of size ``limit``."""
-    app = Celery(name, broker=broker, backend=backend)
-    settings: dict[str, Any] = {
-        "semaphore_redis_url": slots_url,
-        "semaphore_key_prefix": prefix,
-        "semaphore_limits": {GATE: limit},
-        "semaphore_redis_timeout": 2.0,
-        "task_default_queue": queue,
-        "broker_connection_retry_on_startup": True,
-        "result_expires": 600,
-        "worker_hijack_root_logger": False,
-        "worker_prefetch_multiplier": 1,
-    }
-    app.conf.update(settings, **conf)
+    # Fail fast on an unreachable Redis, and no prefetch beyond the run (kills hit one task).
+    settings = {"semaphore_redis_timeout": 2.0, "worker_prefetch_multiplier": 1, **conf}
+    app = base_app(
+        name, broker=broker, backend=backend, slots_url=slots_url, prefix=prefix, queue=queue,
+        limit=limit, **settings,
+    )  # fmt: skip
     probe = Probe(probe_url, prefix)
     app.probe = probe  # type: ignore[attr-defined]
 

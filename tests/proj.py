@@ -1,14 +1,12 @@
 """The test project: a Celery app with gated tasks that measure their own concurrency.
 
-In-process tests call :func:`create_app`; subprocess workers and beat load the module-level
-``app``, configured from ``CS_*`` environment variables (see :func:`app_from_env`).
+In-process tests call :func:`create_app` (subprocess workers use ``tests/faultproj.py``).
 Each task counts itself in a probe Redis (its own database, so the slot keys can be counted
 exactly): ``running`` now, ``peak`` ever, ``done`` finished, and one log entry per run.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -51,6 +49,25 @@ class Probe:
         return int(self.client.get(self.key(name)) or 0)
 
 
+def base_app(
+    name: str, *, broker: str, backend: str, slots_url: str, prefix: str, queue: str, limit: int,
+    **conf: Any,
+) -> Celery:  # fmt: skip
+    """A test app: slots under ``prefix``, semaphore ``work`` of size ``limit``, queue ``queue``."""
+    app = Celery(name, broker=broker, backend=backend)
+    settings: dict[str, Any] = {
+        "semaphore_redis_url": slots_url,
+        "semaphore_key_prefix": prefix,
+        "semaphore_limits": {"work": limit},
+        "task_default_queue": queue,
+        "broker_connection_retry_on_startup": True,
+        "result_expires": 600,
+        "worker_hijack_root_logger": False,
+    }
+    app.conf.update(settings, **conf)
+    return app
+
+
 def create_app(
     name: str,
     *,
@@ -64,17 +81,10 @@ def create_app(
     **conf: Any,
 ) -> Celery:
     """Build an app whose gated tasks share the semaphore ``work`` of size ``limit``."""
-    app = Celery(name, broker=broker, backend=backend)
-    settings: dict[str, Any] = {
-        "semaphore_redis_url": slots_url,
-        "semaphore_key_prefix": prefix,
-        "semaphore_limits": {"work": limit},
-        "task_default_queue": queue,
-        "broker_connection_retry_on_startup": True,
-        "result_expires": 600,
-        "worker_hijack_root_logger": False,
-    }
-    app.conf.update(settings, **conf)
+    app = base_app(
+        name, broker=broker, backend=backend, slots_url=slots_url, prefix=prefix, queue=queue,
+        limit=limit, **conf,
+    )  # fmt: skip
     probe = Probe(probe_url, prefix)
     app.probe = probe  # type: ignore[attr-defined]
 
@@ -116,25 +126,3 @@ def create_app(
         return ms
 
     return app
-
-
-def app_from_env(env: os._Environ[str] | dict[str, str]) -> Celery:
-    """The app a subprocess worker or beat loads, from ``CS_*`` variables."""
-    extra: dict[str, Any] = {
-        "semaphore_tick_interval": float(env.get("CS_TICK", "0.5")),
-        "semaphore_lease": float(env.get("CS_LEASE", "30")),
-    }
-    return create_app(
-        "proj",
-        broker=env["CS_BROKER"],
-        backend=env["CS_BACKEND"],
-        slots_url=env["CS_SLOTS"],
-        probe_url=env["CS_PROBE"],
-        prefix=env["CS_PREFIX"],
-        queue=env["CS_QUEUE"],
-        limit=int(env.get("CS_LIMIT", "3")),
-        **extra,
-    )
-
-
-app = app_from_env(os.environ) if "CS_BROKER" in os.environ else Celery("proj-unconfigured")

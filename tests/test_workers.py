@@ -13,37 +13,36 @@ from celery_semaphore import extension_for
 from celery_semaphore.gate import Acquired
 
 from . import proj
-from .conftest import Processes, at_rest, slot_keys, threads_worker, wait_for
+from .conftest import at_rest, slot_keys, threads_worker, wait_for
+from .faultkit import Cluster, cluster_fixture, peak_overlap  # noqa: F401
 
 
 def test_a_prefork_worker_and_a_real_beat_keep_a_hundred_calls_within_three_slots(
-    processes: Processes, slots: redis.Redis, prefix: str
+    cluster: Cluster, slots: redis.Redis, prefix: str
 ) -> None:
-    processes.worker("w1", concurrency=8)
-    processes.beat()
-    app = proj.app_from_env(processes.env)
-    results = [app.tasks["proj.work"].delay(20) for _ in range(100)]
+    cluster.configure(CS_LIMIT="3", CS_LEASE="30")
+    cluster.worker("w1", concurrency=8)
+    cluster.beat()
+    sleep = cluster.app.tasks["fault.sleep"]
+    results = [sleep.delay(20) for _ in range(100)]
     assert [r.get(timeout=120) for r in results] == [20] * 100
-    probe = proj.Probe(processes.env["CS_PROBE"], prefix)
-    assert probe.value("peak") == 3
-    assert probe.value("done") == 100
-    gate = extension_for(app).gate("work")
-    assert (gate.held(), gate.parked()) == (0, 0)
+    runs = cluster.runs()
+    assert len(runs) == 100
+    # Measured by the tasks themselves: the start and end each run recorded.
+    assert peak_overlap(runs) == 3
+    assert (cluster.gate.held(), cluster.gate.parked()) == (0, 0)
     assert slot_keys(slots, prefix) == at_rest(prefix, "work")
 
 
-def test_beat_returns_the_slot_of_a_dead_holder_within_lease_plus_tick(
-    processes: Processes, prefix: str
-) -> None:
-    processes.env.update(CS_LIMIT="1", CS_TICK="0.5")
-    app = proj.app_from_env(processes.env)
-    gate = extension_for(app).gate("work")
+def test_beat_returns_the_slot_of_a_dead_holder_within_lease_plus_tick(cluster: Cluster) -> None:
+    cluster.configure(CS_LIMIT="1", CS_TICK="0.5")
+    gate = cluster.gate
     # A holder whose worker died before releasing: a 1 s lease nobody renews.
     assert gate.acquire("dead-holder", b"", lease_s=1.0)[0] is Acquired.GRANTED
-    waiting = app.tasks["proj.work"].delay(5)
+    waiting = cluster.app.tasks["fault.sleep"].delay(5)
     assert gate.parked() == 1
-    processes.worker("w1", concurrency=2)
-    processes.beat()
+    cluster.worker("w1", concurrency=2)
+    cluster.beat()
     # lease (1 s) + tick (0.5 s), plus beat's and the worker's start-up.
     assert waiting.get(timeout=30) == 5
     assert "dead-holder" not in gate.holders()
