@@ -375,12 +375,8 @@ class Extension:
         """Renew the leases of ``{gate: [call ids]}``; returns the calls whose lease was lost."""
         lost: list[str] = []
         for gate_name, ids in calls.items():
-            gone, backends = self.gate(gate_name).keepalive(ids)
-            lost += gone
-            for task_id, backend_name in backends.items():
-                backend = self.scheduler.backend(gate_name, backend_name)
-                if backend is not None:
-                    backend.keepalive_callback(task_id)
+            self.gate(gate_name)  # loads the semaphore into the scheduler
+            lost += self.scheduler.renew(gate_name, ids)
         return lost
 
     def tick(self) -> dict[str, Any]:

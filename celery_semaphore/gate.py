@@ -237,18 +237,16 @@ class Gate:
         """
         encode = message if callable(message) else (lambda: message)
         lease_ms = self._lease_ms(lease_s)
+
+        def send(payload: bytes) -> tuple[int, Any]:
+            args = [task_id, self.limit, lease_ms, int(delay_ms), payload, int(backup)]
+            reply = self._run(self.scripts.acquire, now_ms, args)
+            return code_of("acquire", reply, (0, 1, 2, 3, 4, 5, 6)), reply
+
         eager = backup or not callable(message) or self._expect_full
-        for payload in ((encode() if eager else b""), None):
-            if payload is None:
-                payload = encode()
-            reply = self._run(
-                self.scripts.acquire,
-                now_ms,
-                [task_id, self.limit, lease_ms, int(delay_ms), payload, int(backup)],
-            )
-            code = code_of("acquire", reply, (0, 1, 2, 3, 4, 5, 6))
-            if code != 6:
-                break
+        code, reply = send(encode() if eager else b"")
+        if code == 6:  # it has to park after all: send it again with its message
+            code, reply = send(encode())
         self._expect_full = code in (Acquired.PARKED, Acquired.ALREADY_PARKED)
         return Acquired(code), int(reply[2])
 

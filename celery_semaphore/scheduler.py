@@ -259,13 +259,10 @@ class Scheduler:
                     _call(backend, "timeout_callback", r.task_id)
                     _call(backend, "stop_callback", r.task_id)
             gated_calls = self.backend(name, "")
-            for task_id, runner in dropped:
+            if isinstance(gated_calls, GatedCalls):
                 # Nothing brought these back and no result arrived: give them a final state.
-                if isinstance(gated_calls, GatedCalls):
-                    try:
-                        gated_calls.record_dropped(task_id, runner)
-                    except Exception:
-                        logger.exception("semaphore %r: could not record %s", name, task_id)
+                for task_id, runner in dropped:
+                    _call(gated_calls, "record_dropped", task_id, runner)
             started = self._publish(name, grants, malformed)
             if name in self._polled:
                 started += self._fill(name, gate)
@@ -274,14 +271,23 @@ class Scheduler:
 
     def keepalive(self, task_id: str, *, semaphore: str | None = None) -> bool:
         """Keep the slot running ``task_id`` alive; returns whether a slot runs it."""
-        for name, gate in self._candidates(semaphore):
-            lost, backends = gate.keepalive([task_id])
-            if not lost:
-                backend = self.backend(name, backends.get(task_id, ""))
-                if backend is not None and task_id in backends:
-                    _call(backend, "keepalive_callback", task_id)
-                return True
-        return False
+        return any(not self.renew(name, [task_id]) for name, _ in self._candidates(semaphore))
+
+    def renew(self, semaphore: str, task_ids: list[str]) -> list[str]:
+        """Renew the leases of ``task_ids`` in ``semaphore``; returns those that lost theirs.
+
+        The backends that started any of them get their ``keepalive_callback``.
+        """
+        lost, backends = self._gates[semaphore].keepalive(task_ids)
+        self.notify_keepalive(semaphore, backends)
+        return lost
+
+    def notify_keepalive(self, semaphore: str, backends: Mapping[str, str]) -> None:
+        """Call ``keepalive_callback`` for ``{task id: backend name}`` of ``semaphore``."""
+        for task_id, name in backends.items():
+            backend = self.backend(semaphore, name)
+            if backend is not None:
+                _call(backend, "keepalive_callback", task_id)
 
     def stop(self, task_id: str, *, semaphore: str | None = None, fence: int | None = None) -> bool:
         """Free the slot running ``task_id`` so another task may start in it.
@@ -382,8 +388,9 @@ class Scheduler:
         signature.apply_async(task_id=task_id, headers={HEADER: slot.gate.name})
 
 
-def _call(backend: AbstractBackend, method: str, task_id: str) -> None:
+def _call(backend: AbstractBackend, method: str, task_id: str, *args: Any) -> None:
+    # A callback that raises is logged with its backend's name; the scheduler carries on.
     try:
-        getattr(backend, method)(task_id)
+        getattr(backend, method)(task_id, *args)
     except Exception:
         logger.exception("backend %s: %s(%s) raised", backend.name, method, task_id)

@@ -136,9 +136,7 @@ def on_prerun(sender: Any = None, task_id: str | None = None, task: Any = None, 
     request.semaphore_verdict = verdict
     request.semaphore_fence = fence if verdict.runs else None
     if verdict.runs and backend_name:
-        backend = ext.scheduler.backend(name, backend_name)
-        if backend is not None:
-            backend.keepalive_callback(task_id)
+        ext.scheduler.notify_keepalive(name, {task_id: backend_name})
 
 
 def on_postrun(
@@ -173,7 +171,11 @@ def on_failure(sender: Any = None, task_id: str | None = None, **_: Any) -> None
     if getattr(request, "id", None) == task_id and hasattr(request, "semaphore_verdict"):
         return  # inside the run (our prerun marked it): task_postrun follows with the fence
     ext = _ext_for(sender)
-    name = ext.gate_name_of_task(sender.name) if ext is not None else None
+    if ext is None:
+        return
+    # The header names the gate, also for a task a scheduler slot started (not @gated);
+    # Celery's second report of a hard time limit has an empty request: then the task's spec.
+    name = gate_of_request(request) or ext.gate_name_of_task(sender.name)
     if name is not None:
         ext.release(name, task_id, None)
 

@@ -235,3 +235,24 @@ def test_a_call_lost_with_its_worker_under_early_ack_is_recorded_as_dropped(
     assert isinstance(lost.result, CallDropped)
     assert "deadhost:1" in str(lost.result)
     assert app.AsyncResult("coming-back").state == "PENDING"
+
+
+def test_a_lost_child_of_a_task_a_slot_started_gives_the_slot_back_by_its_header(
+    make_app: Callable[..., Celery],
+) -> None:
+    from celery.app.task import Context
+
+    from celery_semaphore import signals
+
+    app = make_app(limit=1)
+    gate = extension_for(app).gate("work")
+    gate.acquire("polled-1", b"")
+    gate.start("polled-1", "host:1")
+    plain = app.tasks["proj.plain"]  # not @gated: its gate is known only from the header
+    # What Celery's main process does when it reports WorkerLostError.
+    plain.request_stack.push(Context(id="polled-1", headers={signals.HEADER: "work"}))
+    try:
+        signals.on_failure(sender=plain, task_id="polled-1")
+    finally:
+        plain.request_stack.pop()
+    assert gate.held() == 0

@@ -18,11 +18,12 @@ elseif rec and rec.s ~= 'p' and (fence == '' or tonumber(fence) == rec.f) then
   backend, slot = rec.b or '', rec.n or ''
   if (rec.x or 0) > 0 or rec.d then
     -- Seen twice already: a late copy of this call must not run again after its end.
+    -- Pruned here, where it grows, not on every release; the TTL ends an idle set.
+    redis.call('ZREMRANGEBYSCORE', K_ENDED, '-inf', NOW - tonumber(ARGV[7]))
     redis.call('ZADD', K_ENDED, NOW, id)
     redis.call('PEXPIRE', K_ENDED, tonumber(ARGV[7]))
   end
   forget(id, rec)
   released = 1
 end
-redis.call('ZREMRANGEBYSCORE', K_ENDED, '-inf', NOW - tonumber(ARGV[7]))
 return handoff(gate_limit(ARGV[6]), {EPOCH, released, backend, slot})
