@@ -1,10 +1,11 @@
-"""``python -m benchmarks``: run the scenarios of issue 5 and print one Markdown table.
+"""``python -m benchmarks``: run the scenarios of issues 5 and 9 and print one Markdown table.
 
 Examples::
 
     python -m benchmarks                         # every scenario, default sizes (a few minutes)
     python -m benchmarks --scenarios 1,3 --reps 5
     python -m benchmarks --memory-calls 100000   # the long memory run
+    python -m benchmarks --scenarios 7,8,9 --backlog 1000000   # a million parked calls
     python -m benchmarks --scale 0.05 --reps 1 --memory-calls 400 --no-dramatiq  # a smoke run
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -25,7 +27,8 @@ from types import FrameType
 from .cluster import Cluster
 from .harness import Bench, Options
 from .latency import handoff, submit
-from .report import Row, conditions, failed_row, render
+from .model import backlog, fairness, stacked
+from .report import Row, as_json, conditions, failed_row, render
 from .resources import memory, redis_cost
 from .throughput import overhead, utilisation
 
@@ -38,7 +41,13 @@ SCENARIOS: dict[int, tuple[str, Callable[[Bench], list[Row]]]] = {
     4: ("4 submit", submit),
     5: ("5 Redis cost", redis_cost),
     6: ("6 worker memory", memory),
+    7: ("7 backlog", backlog),
+    8: ("8 fairness", fairness),
+    9: ("9 stacked", stacked),
 }
+#: Scenarios that drive a Group on a redis-server of their own (no worker, no broker); 9 adds
+#: an end-to-end figure when the workers run anyway.
+GROUP_LEVEL = frozenset({7, 8})
 
 NOTES = [
     "Every figure is the median over the repetitions, with the min-max range in brackets; "
@@ -56,6 +65,11 @@ NOTES = [
     "is caused by exactly the previous end.",
     "Redis cost is read on a redis-server that holds only the slots (the broker is another "
     "one); round trips are the top-level commands seen by MONITOR.",
+    "Scenarios 7-9 drive a Group (the Lua scripts) directly on a redis-server of their own; "
+    "this process plays the workers: it starts each call handed room and ends the oldest "
+    "running one. The backlog's drain step is one release (which hands the freed unit to the "
+    "next parked call) plus the start of that call; its reply is checked against the FIFO "
+    "order.",
 ]
 
 
@@ -64,11 +78,20 @@ def parse_options(argv: Sequence[str] | None = None) -> tuple[Options, argparse.
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--scenarios", default="1,2,3,4,5,6", help="comma-separated, 1-6")
+    parser.add_argument("--scenarios", default="1,2,3,4,5,6,7,8,9", help="comma-separated, 1-9")
     parser.add_argument("--reps", type=int, default=5, help="repetitions of each figure")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every call count")
     parser.add_argument(
         "--memory-calls", type=int, default=20_000, help="calls of the memory run (100000: long)"
+    )
+    parser.add_argument(
+        "--backlog",
+        type=int,
+        default=20_000,
+        help="calls parked behind a full gate in scenario 7 (1000000: the long run)",
+    )
+    parser.add_argument(
+        "--backlog-message", type=int, default=256, help="bytes of each parked message (7)"
     )
     parser.add_argument("--limit", type=int, default=4, help="limit of the gate under test")
     parser.add_argument("--concurrency", type=int, default=8, help="worker concurrency")
@@ -84,6 +107,9 @@ def parse_options(argv: Sequence[str] | None = None) -> tuple[Options, argparse.
         help="countdown of the in-task semaphore's self.retry(), in task durations (±50 %%)",
     )
     parser.add_argument("--output", type=Path, help="also write the table to this file")
+    parser.add_argument(
+        "--json", type=Path, help="write the rows with their facts (counts, peaks) as JSON"
+    )
     parser.add_argument("--logs", type=Path, help="keep worker logs in this folder")
     args = parser.parse_args(argv)
     try:
@@ -93,8 +119,13 @@ def parse_options(argv: Sequence[str] | None = None) -> tuple[Options, argparse.
         parser.error("--scenarios and --durations take comma-separated numbers")
     if not set(scenarios) <= set(SCENARIOS):
         parser.error(f"--scenarios: choose among {sorted(SCENARIOS)}")
-    if min(args.reps, args.limit, args.concurrency) < 1 or min(args.scale, args.retry_factor) <= 0:
-        parser.error("--reps, --scale, --limit, --concurrency, --retry-factor must be positive")
+    if (
+        min(args.reps, args.limit, args.concurrency, args.backlog) < 1
+        or min(args.scale, args.retry_factor) <= 0
+    ):
+        parser.error(
+            "--reps, --scale, --limit, --concurrency, --retry-factor, --backlog must be positive"
+        )
     options = Options(
         scenarios=scenarios,
         reps=args.reps,
@@ -106,6 +137,8 @@ def parse_options(argv: Sequence[str] | None = None) -> tuple[Options, argparse.
         durations_ms=durations,
         dramatiq=not args.no_dramatiq and _dramatiq_available(),
         retry_factor=args.retry_factor,
+        backlog=args.backlog,
+        backlog_message=max(0, args.backlog_message),
     )
     return options, args
 
@@ -164,9 +197,14 @@ def run(options: Options, logs: Path | None = None) -> tuple[list[Row], list[str
     """Run the chosen scenarios; returns the rows and the condition lines."""
     load_before = os.getloadavg()
     rows: list[Row] = []
-    with Cluster(options.limit, options.free_limit, workdir=logs) as cluster:
+    needs_workers = not set(options.scenarios) <= GROUP_LEVEL
+    with contextlib.ExitStack() as stack:
+        cluster = None
+        if needs_workers:
+            cluster = stack.enter_context(Cluster(options.limit, options.free_limit, workdir=logs))
         bench = Bench(options, cluster)
-        bench.start_workers({"plain": {"gated": False}, "gated": {"gated": True}})
+        if cluster is not None:
+            bench.start_workers({"plain": {"gated": False}, "gated": {"gated": True}})
         for number in options.scenarios:
             label, scenario = SCENARIOS[number]
             extra: list[str] = []
@@ -180,13 +218,13 @@ def run(options: Options, logs: Path | None = None) -> tuple[list[Row], list[str
             finally:
                 for name in extra:
                     worker = bench.workers.pop(name, None)
-                    if worker is not None:
+                    if worker is not None and cluster is not None:
                         cluster.stop_worker(worker)
             print(f"[{label}: {time.monotonic() - started:.0f} s]", file=sys.stderr, flush=True)
-        workdir = cluster.workdir
-    if any(row.verdict == "failed" for row in rows):
+        workdir = cluster.workdir if cluster is not None else None
+    if workdir is not None and any(row.verdict == "failed" for row in rows):
         print(f"worker logs kept in {workdir}", file=sys.stderr)
-    elif logs is None:
+    elif logs is None and workdir is not None:
         shutil.rmtree(workdir, ignore_errors=True)
     settings = {
         "pool": options.pool,
@@ -197,6 +235,7 @@ def run(options: Options, logs: Path | None = None) -> tuple[list[Row], list[str
         "memory calls": options.memory_calls,
         "dramatiq": "yes" if options.dramatiq else "no (not installed or --no-dramatiq)",
         "in-task retry factor": options.retry_factor,
+        "backlog": options.backlog,
     }
     return rows, conditions(settings, load_before)
 
@@ -214,6 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text)
     if args.output:
         args.output.write_text(text)
+    if args.json:
+        args.json.write_text(json.dumps(as_json(rows, lines), indent=1, default=str))
     return 1 if any(row.verdict == "failed" for row in rows) else 0
 
 

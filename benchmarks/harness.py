@@ -16,7 +16,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from celery_semaphore import extension_for
+from celery_semaphore import runtime_for
 
 from .cluster import Cluster, Worker, cpu_seconds
 
@@ -29,12 +29,13 @@ class BenchError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """What to run and how big; ``scale`` multiplies every call count but the memory run's.
+    """What to run and how big; ``scale`` multiplies every call count but those of the memory
+    run and of the backlog.
 
     ``retry_factor`` sets the in-task semaphore's retry countdown in task durations.
     """
 
-    scenarios: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
+    scenarios: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 9)
     reps: int = 5
     scale: float = 1.0
     memory_calls: int = 20_000
@@ -44,6 +45,10 @@ class Options:
     durations_ms: tuple[float, ...] = (10.0, 100.0)
     dramatiq: bool = True
     retry_factor: float = 1.0
+    #: Calls parked behind a full gate in scenario 7 (not scaled; 1,000,000 is the long run).
+    backlog: int = 20_000
+    #: Bytes of each parked call's message in scenario 7.
+    backlog_message: int = 256
 
     def calls(self, base: int, minimum: int = 10) -> int:
         """A call count scaled by :attr:`scale`."""
@@ -90,13 +95,16 @@ class Bench:
 
     Args:
         options: the run's options.
-        cluster: servers and workers of the run.
+        cluster: servers and workers of the run (``None``: Group-level scenarios only).
     """
 
-    def __init__(self, options: Options, cluster: Cluster) -> None:
+    def __init__(self, options: Options, cluster: Cluster | None) -> None:
         self.options = options
-        self.cluster = cluster
-        self.probe = redis.Redis.from_url(cluster.urls["probe"])
+        #: ``None`` when only Group-level scenarios (7, 8, 9) run: no worker, no broker.
+        self.cluster: Cluster = cluster  # type: ignore[assignment]
+        self.probe: redis.Redis = (
+            redis.Redis.from_url(cluster.urls["probe"]) if cluster else None  # type: ignore[assignment]
+        )
         self._tags = itertools.count(1)
         self.workers: dict[str, Worker] = {}
         #: The Dramatiq broker and actors, once scenario 2 started a Dramatiq worker.
@@ -140,9 +148,9 @@ class Bench:
         Raises:
             BenchError: slots are still held after ``timeout`` seconds.
         """
-        ext = extension_for(self.cluster.gated_app)
-        assert ext is not None
-        handle = ext.gate(gate)
+        rt = runtime_for(self.cluster.gated_app)
+        assert rt is not None
+        handle = rt.group_of_gate(gate)
         deadline = time.monotonic() + timeout
         while handle.held() or handle.parked():
             if time.monotonic() > deadline:

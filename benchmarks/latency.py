@@ -16,12 +16,13 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from celery_semaphore import extension_for
+from celery_semaphore import runtime_for
 
+from .calls import acquire
 from .harness import Bench, rotated
 from .proj import gated_task_name
 from .report import Row, verdict
-from .stats import Spread, percentile, ratio_of
+from .stats import Spread, peak_overlap, percentile, ratio_of
 
 __all__ = ["handoff", "submit"]
 
@@ -49,12 +50,17 @@ def handoff(bench: Bench) -> list[Row]:
     variants = {"gate": (gated_w, gate_batch), "relay": (plain_w, relay_batch)}
     p50: dict[str, list[float]] = defaultdict(list)
     p99: dict[str, list[float]] = defaultdict(list)
+    facts = {"limit": 1, "calls_sent": 0, "calls_completed": 0, "peak_running": 0}
     for rep in range(opts.reps):
         for name in rotated(list(variants), rep):
             worker, batch_of = variants[name]
             batch = bench.run_batch(worker, f"handoff-{name}", batch_of, timeout)
             if name == "gate":
                 bench.wait_idle("one")
+                facts["calls_sent"] += n
+                facts["calls_completed"] += len(batch.records)
+                peak = peak_overlap([(r.start, r.end) for r in batch.records])
+                facts["peak_running"] = max(facts["peak_running"], peak)
             gaps_ms = [g * 1000.0 for g in batch.gaps()]
             p50[name].append(percentile(gaps_ms, 50))
             p99[name].append(percentile(gaps_ms, 99))
@@ -64,7 +70,7 @@ def handoff(bench: Bench) -> list[Row]:
     return [
         Row(label, "hop floor p50 (relay chain: end -> successor start)", _ms(p50["relay"])),
         Row(label, "hop floor p99", _ms(p99["relay"])),
-        Row(label, f"gate hand-off p50 ({what})", _ms(p50["gate"])),
+        Row(label, f"gate hand-off p50 ({what})", _ms(p50["gate"]), facts=facts),
         Row(
             label,
             "gate hand-off p50 - hop floor p50",
@@ -95,10 +101,10 @@ def submit(bench: Bench) -> list[Row]:
     plain = cluster.app(gated=False, default_queue=sink)
     # A prefix of their own: nothing else sees these gates, so they can be filled at will.
     gated = cluster.app(gated=True, prefix=f"{cluster.prefix}-submit", default_queue=sink)
-    ext = extension_for(gated)
-    assert ext is not None
-    # The full gate: its one slot held by a call that never runs, for longer than the run.
-    ext.gate("one").acquire("bench-filler", b"", lease_s=3600.0)
+    rt = runtime_for(gated)
+    assert rt is not None
+    # The full gate: its one unit held by a call that never runs, for longer than the run.
+    acquire(rt.group_of_gate("one"), "bench-filler", ["one"], [1], lease_s=3600.0)
     free_task = gated.tasks[gated_task_name("limited")]
 
     def free(tag: str) -> list[float]:
@@ -107,7 +113,7 @@ def submit(bench: Bench) -> list[Row]:
             t0 = time.perf_counter()
             result = free_task.delay(0, tag)
             out.append(time.perf_counter() - t0)
-            ext.release("limited", result.id, None)
+            rt.release("limited", result.id, None)
         return out
 
     def timed(task: Any) -> Any:
@@ -130,6 +136,7 @@ def submit(bench: Bench) -> list[Row]:
     for run in variants.values():
         run(bench.tag("submit-warmup"))
     _purge(plain, sink)
+    sent = {name: n for name in variants}  # the warm-up
     p50: dict[str, list[float]] = defaultdict(list)
     p99: dict[str, list[float]] = defaultdict(list)
     rate: dict[str, list[float]] = defaultdict(list)
@@ -139,6 +146,7 @@ def submit(bench: Bench) -> list[Row]:
             p50[name].append(percentile(latencies, 50) * 1e6)
             p99[name].append(percentile(latencies, 99) * 1e6)
             rate[name].append(len(latencies) / sum(latencies))
+            sent[name] += len(latencies)
             _purge(plain, sink)
     label = "4 submit"
     free_ratio = ratio_of(rate["free"], rate["plain"])
@@ -161,8 +169,18 @@ def submit(bench: Bench) -> list[Row]:
             ">= 0.90",
             verdict(free_ratio.median >= 0.90),
         ),
-        Row(label, "gated (full gate, parked) / plain, calls/s", full_ratio.format()),
     ]
+    one, limited = rt.group_of_gate("one"), rt.group_of_gate("limited")
+    facts = {
+        "calls_sent": sent,
+        # Every call sent to the full gate waits in Redis; the free ones were all given back.
+        "full_parked": one.parked(),
+        "full_held": one.held(),
+        "free_held": limited.held(),
+    }
+    rows.append(
+        Row(label, "gated (full gate, parked) / plain, calls/s", full_ratio.format(), facts=facts)
+    )
     _cleanup_gates(gated)
     return rows
 
@@ -174,9 +192,9 @@ def _purge(app: Any, queue: str) -> None:
 
 def _cleanup_gates(app: Any) -> None:
     # Only this scenario's apps ever saw these keys, so deleting them confuses no client.
-    ext = extension_for(app)
-    assert ext is not None
-    client = ext.client
-    keys = list(client.scan_iter(match=f"{{{ext.settings.key_prefix}:*", count=1000))
+    rt = runtime_for(app)
+    assert rt is not None
+    client = rt.client
+    keys = list(client.scan_iter(match=f"{{{rt.settings.key_prefix}:*", count=1000))
     if keys:
         client.delete(*keys)

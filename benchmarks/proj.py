@@ -56,14 +56,16 @@ def create_app(
         prefix: key prefix of this run's slots.
         limit: limit of the gate ``limited`` and of the in-task semaphore under test.
         gated: whether to define the ``@gated`` tasks (which installs the extension).
-        free_limit: limit of the gate ``free``: more than any batch queues at once. Not
-            larger: the package builds one slot object per unit of limit.
+        free_limit: limit of the gates ``free``, ``sapi`` and ``sdb``: more than any batch
+            queues at once.
         lease_s: ``semaphore_lease``.
         default_queue: the queue ``.delay()`` sends to.
 
     Returns:
         The app, with tasks ``bench.plain``, ``bench.relay``, ``bench.locked`` and, when
-        ``gated``, ``bench.gated_free``, ``bench.gated_limited``, ``bench.gated_one``.
+        ``gated``, ``bench.gated_free``, ``bench.gated_limited``, ``bench.gated_one`` and
+        ``bench.stacked`` (gates ``sapi``, keyed per tenant with a key limit, and ``sdb``,
+        stacked in group ``stacked``).
     """
     app = Celery("bench", broker=broker_url, set_as_current=False)
     app.conf.update(
@@ -73,7 +75,13 @@ def create_app(
         worker_hijack_root_logger=False,
         semaphore_redis_url=slots_url,
         semaphore_key_prefix=prefix,
-        semaphore_limits={"free": free_limit, "limited": limit, "one": 1},
+        semaphore_limits={
+            "free": free_limit,
+            "limited": limit,
+            "one": 1,
+            "sapi": free_limit,
+            "sdb": free_limit,
+        },
         semaphore_lease=lease_s,
     )
     probe = redis.Redis.from_url(probe_url)
@@ -126,6 +134,7 @@ def create_app(
 
         for gate in GATES:
             _define_gated(app, gate, gate_decorator, record)
+        _define_stacked(app, gate_decorator, free_limit, record)
     return app
 
 
@@ -133,6 +142,23 @@ def _define_gated(app: Celery, gate: str, decorator: Any, record: Any) -> None:
     @decorator(gate)
     @app.task(name=gated_task_name(gate), shared=False)
     def run(ms: float, tag: str) -> None:
+        start = time.time()
+        if ms:
+            time.sleep(ms / 1000.0)
+        record(tag, start)
+
+
+def _tenant(ms: float, tag: str, tenant: str = "t0") -> str:
+    return tenant
+
+
+def _define_stacked(app: Celery, decorator: Any, free_limit: int, record: Any) -> None:
+    # Two gates in one group, the first with a key per tenant and a per-key limit; sized so
+    # that no batch fills them (the cost of the common path, as for ``free``).
+    @decorator("sapi", key=_tenant, key_limit=free_limit, group="stacked")
+    @decorator("sdb", group="stacked")
+    @app.task(name="bench.stacked", shared=False)
+    def run(ms: float, tag: str, tenant: str = "t0") -> None:
         start = time.time()
         if ms:
             time.sleep(ms / 1000.0)

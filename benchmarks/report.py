@@ -8,8 +8,9 @@ import platform
 import subprocess
 from collections.abc import Iterable, Mapping
 from importlib import metadata
+from typing import Any
 
-__all__ = ["Row", "conditions", "failed_row", "render", "verdict"]
+__all__ = ["Row", "as_json", "conditions", "failed_row", "render", "verdict"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,8 +21,9 @@ class Row:
         scenario: the scenario number and name, e.g. ``"1 overhead"``.
         figure: what is measured.
         measured: the value as printed (median and spread).
-        target: the target of issue 5, or ``"—"`` for a reference figure.
+        target: the target (issues 5 and 9), or ``"—"`` for a reference figure.
         verdict: ``"met"``, ``"missed"``, ``"info"`` or ``"failed"``.
+        facts: what the smoke test checks (see :func:`as_json`).
     """
 
     scenario: str
@@ -29,6 +31,9 @@ class Row:
     measured: str
     target: str = "—"
     verdict: str = "info"
+    #: Counts and peaks behind the figure (calls sent / completed, peak units held...), for
+    #: ``--json`` and the smoke test; not printed in the table.
+    facts: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
 
 def verdict(ok: bool | None) -> str:
@@ -64,6 +69,11 @@ def render(rows: Iterable[Row], notes: Iterable[str] = ()) -> str:
         lines.append("")
         lines += [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
+
+
+def as_json(rows: Iterable[Row], lines: Iterable[str]) -> dict[str, Any]:
+    """The rows with their facts, and the condition lines, for ``--json``."""
+    return {"conditions": list(lines), "rows": [dataclasses.asdict(row) for row in rows]}
 
 
 def _version(package: str) -> str:

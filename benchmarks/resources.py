@@ -95,14 +95,23 @@ def redis_cost(bench: Bench) -> list[Row]:
         ("limited", True, f"full gate (limit {opts.limit})"),
     ):
         task = app.tasks[gated_task_name(gate)]
+        facts: dict[str, Any] = {"gate": gate, "calls_sent": 0, "calls_completed": 0}
 
-        def batch(label: str, count: int, task: Any = task, pause: bool = pause) -> None:
+        def batch(
+            label: str,
+            count: int,
+            task: Any = task,
+            pause: bool = pause,
+            facts: dict[str, Any] = facts,
+        ) -> None:
             def submit(tag: str) -> int:
                 for _ in range(count):
                     task.apply_async((0, tag), queue=worker.queue)
                 return count
 
-            bench.run_batch(worker, label, submit, 60 + count * 0.05, pause=pause)
+            done = bench.run_batch(worker, label, submit, 60 + count * 0.05, pause=pause)
+            facts["calls_sent"] += count
+            facts["calls_completed"] += len(done.records)
             # The release runs just after the task's record; give the last one time to land
             # instead of polling the slots server, which would count as traffic.
             time.sleep(0.5)
@@ -142,6 +151,7 @@ def redis_cost(bench: Bench) -> list[Row]:
                 f"{trips:.2f} ({', '.join(f'{c} {k / n:.2f}' for c, k in client_calls.items())})",
                 "<= 3, each one script",
                 verdict(trips <= 3.0 and set(client_calls) <= {"evalsha"}),
+                facts=facts,
             ),
             Row(
                 label,
@@ -168,15 +178,19 @@ def memory(bench: Bench) -> list[Row]:
     plain_task = bench.plain_app().tasks["bench.plain"]
     gated_task = bench.gate_app().tasks[gated_task_name("limited")]
 
+    completed = {"plain": 0, "gated": 0}
+    sent = {"each": 0}
+
     def run(count: int, label: str) -> None:
+        sent["each"] += count
         plain_tag, gated_tag = bench.tag(f"{label}-plain"), bench.tag(f"{label}-gated")
         # Interleaved, so both workers run under the same conditions at the same time.
         for _ in range(count):
             plain_task.apply_async((0, plain_tag), queue=plain_w.queue)
             gated_task.apply_async((0, gated_tag), queue=gated_w.queue)
         timeout = 120.0 + count * 0.02
-        for worker, tag in ((plain_w, plain_tag), (gated_w, gated_tag)):
-            _wait_count(bench, worker, tag, count, timeout)
+        for key, worker, tag in (("plain", plain_w, plain_tag), ("gated", gated_w, gated_tag)):
+            completed[key] += _wait_count(bench, worker, tag, count, timeout)
         bench.wait_idle("limited", timeout=60)
         time.sleep(0.5)  # let both workers settle before reading RSS
 
@@ -205,6 +219,7 @@ def memory(bench: Bench) -> list[Row]:
             f"{delta_peak:+.1f} MiB",
             "<= 5 MiB",
             verdict(delta_peak <= 5.0),
+            facts={"calls_sent": sent["each"], "calls_completed": completed},
         ),
         Row(
             label,
@@ -223,7 +238,7 @@ def memory(bench: Bench) -> list[Row]:
     ]
 
 
-def _wait_count(bench: Bench, worker: Any, tag: str, count: int, timeout: float) -> None:
+def _wait_count(bench: Bench, worker: Any, tag: str, count: int, timeout: float) -> int:
     deadline = time.monotonic() + timeout
     while bench.probe.llen(tag) < count:
         if not worker.alive():
@@ -231,4 +246,6 @@ def _wait_count(bench: Bench, worker: Any, tag: str, count: int, timeout: float)
         if time.monotonic() > deadline:
             raise BenchError(f"{worker.name}: not all of {count} calls ran in {timeout:.0f} s")
         time.sleep(0.05)
+    done = int(bench.probe.llen(tag))
     bench.probe.delete(tag)
+    return done

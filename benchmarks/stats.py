@@ -6,7 +6,7 @@ import math
 import statistics
 from collections.abc import Callable, Sequence
 
-__all__ = ["Spread", "percentile", "ratio_of", "spread"]
+__all__ = ["Spread", "peak_overlap", "percentile", "ratio_of", "spread"]
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -18,6 +18,16 @@ def percentile(values: Sequence[float], q: float) -> float:
     low = math.floor(rank)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def peak_overlap(intervals: Sequence[tuple[float, float]]) -> int:
+    """The most intervals ``(start, end)`` open at one instant (an end before a start)."""
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
+    peak = current = 0
+    for _, change in events:
+        current += change
+        peak = max(peak, current)
+    return peak
 
 
 class Spread:

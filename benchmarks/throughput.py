@@ -13,12 +13,17 @@ from typing import Any
 from .harness import Batch, Bench, rotated
 from .proj import gated_task_name
 from .report import Row, verdict
-from .stats import Spread, ratio_of
+from .stats import Spread, peak_overlap, ratio_of
 
 __all__ = ["overhead", "utilisation"]
 
 # Log lines celery_semaphore writes when it refuses a delivered run: wasted attempts.
-_REFUSED = ("duplicate run skipped", "lost its slot", "late copy skipped")
+_REFUSED = (
+    "late copy skipped",
+    "held nothing; sent through its gate again",
+    "already runs elsewhere",
+    "could not be recorded (Redis unreachable); skipped",
+)
 
 
 def _send_many(task: Any, n: int, args: tuple[Any, ...], queue: str) -> int:
@@ -50,11 +55,15 @@ def overhead(bench: Bench) -> list[Row]:
         ),
     }
     workers = {"plain": plain_w, "gated": gated_w, "in-task": plain_w}
+    sent: dict[str, int] = defaultdict(int)
+    completed: dict[str, int] = defaultdict(int)
     for rep in range(opts.reps):
         for variant in rotated(list(batches), rep):
             batch = bench.run_batch(
                 workers[variant], f"overhead-{variant}", batches[variant], _timeout(n, 0.002)
             )
+            sent[variant] += n
+            completed[variant] += len(batch.records)
             runs[variant].append(batch.throughput)
             cpu[variant].append(batch.cpu_s / n * 1e6)
             if variant == "gated":
@@ -70,7 +79,14 @@ def overhead(bench: Bench) -> list[Row]:
             f"gated throughput, gate never fills (limit {opts.free_limit})",
             Spread(runs["gated"]).format("{:.0f}", "/s"),
         ),
-        Row(name, "gated / plain", ratio.format(), ">= 0.90", verdict(ratio.median >= 0.90)),
+        Row(
+            name,
+            "gated / plain",
+            ratio.format(),
+            ">= 0.90",
+            verdict(ratio.median >= 0.90),
+            facts={"calls_sent": dict(sent), "calls_completed": dict(completed)},
+        ),
         Row(
             name,
             "worker CPU per call, plain / gated / in-task (10 ms clock ticks)",
@@ -148,6 +164,7 @@ def _utilisation_at(bench: Bench, ms: float) -> list[Row]:
 
     util: dict[str, list[float]] = defaultdict(list)
     wasted: dict[str, list[float]] = defaultdict(list)
+    gate_facts = {"limit": limit, "calls_sent": 0, "calls_completed": 0, "peak_running": 0}
     for rep in range(opts.reps):
         for name in rotated(list(variants), rep):
             worker, submit, calls = variants[name]
@@ -156,6 +173,11 @@ def _utilisation_at(bench: Bench, ms: float) -> list[Row]:
             if name == "gate":
                 bench.wait_idle("limited")
                 batch.wasted = _count_refused(gated_w.log) - refused_before
+                gate_facts["calls_sent"] += calls
+                gate_facts["calls_completed"] += len(batch.records)
+                # From the tasks' own start/end times: a lower bound of the units held.
+                peak = peak_overlap([(r.start, r.end) for r in batch.records])
+                gate_facts["peak_running"] = max(gate_facts["peak_running"], peak)
             util[name].append(batch.throughput / ideal)
             wasted[name].append(1000.0 * batch.wasted / calls)
 
@@ -169,6 +191,14 @@ def _utilisation_at(bench: Bench, ms: float) -> list[Row]:
             _u(util["gate"], wasted["gate"]),
             ">= 0.95" if ms >= 100 else "—",
             verdict(Spread(util["gate"]).median >= 0.95) if ms >= 100 else "info",
+            facts=gate_facts,
+        ),
+        Row(
+            label,
+            "celery_semaphore: most calls running at once (task timestamps) / limit",
+            f"{gate_facts['peak_running']} / {limit}",
+            "== limit",
+            verdict(gate_facts["peak_running"] == limit),
         ),
         Row(
             label,

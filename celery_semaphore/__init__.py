@@ -6,32 +6,39 @@ Importing this package changes nothing; :func:`gated` and :func:`install` do.
 from __future__ import annotations
 
 from .backends import AbstractBackend, GatedCalls, TaskBackend
-from .decorator import GateSpec, gated
+from .decorator import gated
 from .errors import (
+    AcceptanceUnknown,
     CallDropped,
     ConfigurationError,
+    DuplicateCall,
     LeaseLost,
+    NeverStarted,
     RedisUnavailable,
     ScriptError,
     SemaphoreError,
 )
-from .extension import TICK_TASK, Extension, cancel, extension_for, install
-from .gate import Acquired, Gate, Started
+from .extension import cancel, install
+from .group import Acquired, Group, Started
+from .runtime import Runtime, runtime_for
 from .scheduler import Scheduler
-from .signals import current_fence, holds_slot
+from .signals import current_fence, holds_slot, require_slot
 from .slot import AbstractSlot, RedisSlot
+from .spec import GateSpec
+from .tick import TICK_TASK
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     # decorating and installing
     "gated",
     "install",
     "cancel",
-    "extension_for",
     "current_fence",
     "holds_slot",
-    "Extension",
+    "require_slot",
+    "runtime_for",
+    "Runtime",
     "GateSpec",
     "TICK_TASK",
     # the scheduler model
@@ -41,16 +48,19 @@ __all__ = [
     "RedisSlot",
     "GatedCalls",
     "TaskBackend",
-    # the semaphore itself
-    "Gate",
+    # the gates in Redis
+    "Group",
     "Acquired",
     "Started",
     # errors
     "SemaphoreError",
     "ConfigurationError",
     "RedisUnavailable",
+    "AcceptanceUnknown",
+    "DuplicateCall",
     "LeaseLost",
     "CallDropped",
+    "NeverStarted",
     "ScriptError",
     "__version__",
 ]

@@ -1,57 +1,28 @@
-"""``@gated``: mark a Celery task as holding a slot of a semaphore while it runs."""
+"""``@gated``: a Celery task whose calls hold capacity of one or more gates while they run."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, overload
 
 from celery import Task, _state
 from celery._state import connect_on_app_finalize, get_current_app
 from celery.local import Proxy
 
-from .config import check_limit, check_seconds
+from .config import check_lease, check_limit, check_name, check_priority
 from .errors import ConfigurationError
+from .extension import install, install_if_gated
+from .signals import guard
+from .spec import SPEC_ATTR, GateSpec, check_weight, specs_of
 
-__all__ = ["SPEC_ATTR", "GateSpec", "gated", "spec_of"]
-
-#: Attribute that carries a task's :class:`GateSpec` (on the task, or on its run function).
-SPEC_ATTR = "__semaphore_spec__"
+__all__ = ["gated"]
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
-
-@dataclasses.dataclass(frozen=True)
-class GateSpec:
-    """What ``@gated`` said about a task.
-
-    Attributes:
-        gate: the semaphore's name; ``None`` means "the task's own name".
-        limit: the decorator's limit, or ``None`` to use ``semaphore_limits``.
-        lease_s: the decorator's lease, or ``None`` to use ``semaphore_lease``.
-    """
-
-    gate: str | None
-    limit: int | None = None
-    lease_s: float | None = None
-
-
-def spec_of(task: Any) -> GateSpec | None:
-    """Return the GateSpec of a task (above or below placement), or ``None`` if it is not gated."""
-    spec = getattr(task, SPEC_ATTR, None)
-    if spec is None:
-        spec = getattr(getattr(task, "run", None), SPEC_ATTR, None)
-    return spec if isinstance(spec, GateSpec) else None
-
-
-def _check_name(name: object) -> str:
-    if not isinstance(name, str) or not name or "{" in name or "}" in name:
-        raise ConfigurationError(
-            f"a semaphore name must be a non-empty string without braces, got {name!r}"
-        )
-    return name
+_OPTIONS = ("limit", "lease", "priority", "key", "key_limit", "key_limits", "weight", "group")
 
 
 @overload
@@ -60,42 +31,107 @@ def gated(name: F, /) -> F: ...
 
 @overload
 def gated(
-    name: str | None = None, /, *, limit: int | None = None, lease: float | None = None
+    name: str | None = None,
+    /,
+    *,
+    limit: int | None = None,
+    lease: float | None = None,
+    priority: int | None = None,
+    key: Callable[..., str] | None = None,
+    key_limit: int | Callable[[str], int] | None = None,
+    key_limits: Mapping[str, int] | None = None,
+    weight: int | Callable[..., int] = 1,
+    group: str | None = None,
 ) -> Callable[[T], T]: ...
 
 
-def gated(name: Any = None, /, *, limit: int | None = None, lease: float | None = None) -> Any:
-    """Gate a Celery task: a call reaches the broker only once it holds a slot.
+def gated(name: Any = None, /, **options: Any) -> Any:
+    """Gate a Celery task: a call reaches the broker only once it holds room of its gate.
 
-    Place it above ``@app.task`` / ``@shared_task`` or below it (on the function). Used bare
-    (``@gated``) the semaphore is named after the task.
+    Place it above ``@app.task`` / ``@shared_task`` or below it (on the function); stack
+    several for several resources (a call then holds all of them, taken in one atomic step).
+    Used bare (``@gated``) the gate is named after the task.
 
     Args:
-        name: the semaphore's name; tasks that name the same semaphore share its slots.
-        limit: number of slots; by default ``semaphore_limits[name]`` from the app config.
-        lease: seconds a slot stays held without a keepalive; by default ``semaphore_lease``.
+        name: the gate's name; tasks that name the same gate share its capacity.
+        limit: units of capacity; by default ``semaphore_limits[name]``. It seeds the limit
+            stored in Redis, which is the one in force (see ``resize``).
+        lease: seconds a hold lasts without a keepalive (at least 1); by default
+            ``semaphore_lease``.
+        priority: the task's default priority, 0-255 (higher leaves the queue first);
+            ``apply_async(priority=...)`` overrides it per call.
+        key: a function of the call's arguments returning its key (a tenant, a domain).
+        key_limit: at most this many units per key: an int, or a function ``key -> int``.
+        key_limits: limits of particular keys, over ``key_limit``.
+        weight: units a call takes: an int, or a function of the call's arguments.
+        group: the group (Redis hash tag) of the gate; gates stacked on one task must share
+            one; by default ``semaphore_groups[name]``, else the gate's own name.
 
     Returns:
         The task (or function), unchanged apart from its gate.
 
     Raises:
-        TypeError: what is decorated is neither a Celery task nor a function.
-        ConfigurationError: ``limit`` is not a positive integer or ``lease`` is not positive.
+        TypeError: an unknown option, or what is decorated is neither a task nor a function.
+        ConfigurationError: an option with a wrong value (a ``ValueError`` naming the gate).
 
     Examples:
         >>> @gated("crawler", limit=4)
         ... @app.task
         ... def fetch(url): ...
-        >>> result = fetch.delay("https://example.org")  # runs when one of 4 slots is free
+        >>> result = fetch.delay("https://example.org")  # runs when one of 4 units is free
+        >>> @gated("api", limit=20, key=lambda tenant, *a, **kw: tenant, key_limit=2)
+        ... @gated("db", limit=5, group="backend")
+        ... @app.task
+        ... def sync(tenant): ...
     """
     if callable(name) or isinstance(name, (Task, Proxy)):
         return _apply(GateSpec(None), name)
-    spec = GateSpec(
-        None if name is None else _check_name(name),
-        None if limit is None else check_limit(name or "<task name>", limit),
-        None if lease is None else check_seconds("lease", lease),
+    gate = None if name is None else check_name("a gate name", name)
+    return functools.partial(_apply, _spec(gate, options))
+
+
+def _spec(gate: str | None, options: dict[str, Any]) -> GateSpec:
+    where = f"@gated({gate or '<task name>'!r})"
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise TypeError(f"{where}: unknown option {unknown[0]!r}; known: {', '.join(_OPTIONS)}")
+    label = gate or "<task name>"
+    limit = options.get("limit")
+    if limit is not None:
+        check_limit(label, limit)
+    lease = options.get("lease")
+    priority = options.get("priority")
+    if priority is not None:
+        check_priority(where, priority)
+    key = options.get("key")
+    if key is not None and not callable(key):
+        raise TypeError(f"{where}: key must be a function of the call's arguments, got {key!r}")
+    key_limit = options.get("key_limit")
+    if key_limit is not None and not callable(key_limit):
+        check_limit(label, key_limit, "key_limit")
+    key_limits = options.get("key_limits") or {}
+    if not isinstance(key_limits, Mapping):
+        raise TypeError(f"{where}: key_limits must be a dict of key -> limit, got {key_limits!r}")
+    pairs = tuple(
+        (str(k), check_limit(label, n, f"key limit of {k!r}")) for k, n in key_limits.items()
     )
-    return functools.partial(_apply, spec)
+    if (key_limit is not None or pairs) and key is None:
+        raise ConfigurationError(f"{where}: key_limit and key_limits need key= (the key function)")
+    weight = options.get("weight", 1)
+    if not callable(weight):
+        check_weight(label, weight, limit if limit is not None else -1)
+    group = options.get("group")
+    return GateSpec(
+        gate=gate,
+        limit=limit,
+        lease_s=None if lease is None else check_lease(f"{where}: lease", lease),
+        priority=priority,
+        key=key,
+        key_limit=key_limit,
+        key_limits=pairs,
+        weight=weight,
+        group=None if group is None else check_name(f"{where}: group", group),
+    )
 
 
 def _apply(spec: GateSpec, target: Any) -> Any:
@@ -114,22 +150,24 @@ def _apply(spec: GateSpec, target: Any) -> Any:
 
 
 def _gate_task(spec: GateSpec, task: Task) -> Task:
-    from .extension import install  # the extension imports this module
-
     if spec.gate is None:
-        spec = dataclasses.replace(spec, gate=task.name)
-    setattr(task, SPEC_ATTR, spec)
+        spec = dataclasses.replace(
+            spec, gate=check_name(f"the gate name of {task.name}", task.name)
+        )
+    setattr(task, SPEC_ATTR, (spec, *specs_of(task)))
     # An instance attribute: Celery's tracer reads task.run when it builds the tracer.
     task.run = guard(task.run)  # type: ignore[method-assign]
-    install(task.app).register(task.name, spec)
+    install(task.app).check_specs(task.name, specs_of(task))
     return task
 
 
 def _gate_function(spec: GateSpec, fun: Callable[..., Any]) -> Callable[..., Any]:
-    from .extension import install, install_if_gated
-
+    inner = getattr(fun, SPEC_ATTR, ())
     wrapper = guard(fun)
-    setattr(wrapper, SPEC_ATTR, spec)
+    if wrapper is fun:
+        wrapper = functools.wraps(fun)(lambda *a, **kw: fun(*a, **kw))
+        setattr(wrapper, "__semaphore_guard__", True)  # noqa: B010
+    setattr(wrapper, SPEC_ATTR, (spec, *inner))
     # Below @app.task we do not see the app: the app defined in this module is the current
     # one, and any app finalized later with this task gets the extension too.
     connect_on_app_finalize(install_if_gated)
@@ -137,15 +175,3 @@ def _gate_function(spec: GateSpec, fun: Callable[..., Any]) -> Callable[..., Any
     if app is not _state.default_app:
         install(app)
     return wrapper
-
-
-def guard(run: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a task's run so that a run the gate refused (see ``signals``) does not execute."""
-    from .signals import refuse_if_denied
-
-    @functools.wraps(run)
-    def gated_run(*args: Any, **kwargs: Any) -> Any:
-        refuse_if_denied()
-        return run(*args, **kwargs)
-
-    return gated_run

@@ -147,13 +147,13 @@ def run_demo(calls: int = 40, limit: int = 4, redis_url: str | None = None) -> i
 def _drive(
     app: Celery, worker: subprocess.Popen[bytes], prefix: str, calls: int, limit: int
 ) -> int:
-    from .extension import extension_for
+    from .runtime import runtime_for
 
     client = redis.Redis.from_url(app.conf.semaphore_redis_url)
     crawl = app.tasks["demo.crawl"]
     for page in range(calls):
         crawl.delay(page, random.uniform(0.1, 0.4))
-    gate = extension_for(app).gate("crawler")  # type: ignore[union-attr]
+    gate = runtime_for(app).group("crawler")  # type: ignore[union-attr]
     tty = sys.stdout.isatty()
     deadline = time.monotonic() + 60 + calls * 0.4 / limit
     last_print = 0.0

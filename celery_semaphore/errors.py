@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 __all__ = [
+    "AcceptanceUnknown",
+    "CallDropped",
     "ConfigurationError",
+    "DuplicateCall",
     "LeaseLost",
+    "NeverStarted",
     "RedisUnavailable",
     "ScriptError",
     "SemaphoreError",
@@ -23,7 +27,7 @@ class ConfigurationError(SemaphoreError, ValueError):
 
 
 class RedisUnavailable(SemaphoreError):
-    """The Redis server that holds the slots could not be reached.
+    """The Redis server that holds the gates could not be reached; nothing was written.
 
     Deliberately not an ``OSError``: kombu would re-raise those as its own OperationalError
     and hide the URL from the caller.
@@ -34,6 +38,7 @@ class RedisUnavailable(SemaphoreError):
 
     def __init__(self, url: str, cause: BaseException | None = None) -> None:
         self.url = url
+        self.cause = cause
         detail = f": {cause}" if cause is not None else ""
         super().__init__(
             f"cannot reach the semaphore Redis at {url}{detail}. Check that the server runs "
@@ -41,29 +46,78 @@ class RedisUnavailable(SemaphoreError):
         )
 
 
-class LeaseLost(SemaphoreError):
-    """A running call no longer holds its slot (its lease expired and was reclaimed).
+class AcceptanceUnknown(RedisUnavailable):
+    """The request reached Redis but no answer came back in time: the call may be accepted.
+
+    Raised when the connection was up but the reply timed out (a stalled server): the script
+    may still run when the server resumes. Sending the same task id again is safe: it either
+    is accepted now or raises :class:`DuplicateCall`, so the call never runs twice.
 
     Attributes:
-        gate: the semaphore's name.
+        url: the Redis URL (password masked).
+        task_id: the call whose fate is unknown.
+    """
+
+    def __init__(self, url: str, task_id: str, cause: BaseException | None = None) -> None:
+        SemaphoreError.__init__(
+            self,
+            f"no answer from the semaphore Redis at {url} in time ({cause}); call {task_id} "
+            "may have been accepted. Send it again with the same task_id: a second send never "
+            "runs it twice (it raises DuplicateCall if the first one was accepted).",
+        )
+        self.url = url
+        self.cause = cause
+        self.task_id = task_id
+
+
+class DuplicateCall(SemaphoreError):
+    """A call was sent under a task id that its gate already holds (waiting, parked or held).
+
+    The first send stands and runs once; this one wrote nothing. Celery's own retries and
+    ``Task.replace`` are not duplicates: they are sent by the call's own run.
+
+    Attributes:
+        gate: the gate's name.
+        task_id: the id sent twice.
+    """
+
+    def __init__(self, gate: str, task_id: str) -> None:
+        super().__init__(
+            f"call {task_id} of gate {gate!r} was already sent and is still pending or running; "
+            "this second send was not kept (send it under a new task id to run it again)"
+        )
+        self.gate = gate
+        self.task_id = task_id
+
+
+class LeaseLost(SemaphoreError):
+    """A running call no longer holds its gate (its lease expired and was reclaimed).
+
+    Raised by :func:`celery_semaphore.require_slot`.
+
+    Attributes:
+        gate: the gate's name.
         task_id: the call whose lease was lost.
     """
 
     def __init__(self, gate: str, task_id: str) -> None:
+        super().__init__(gate, task_id)
         self.gate = gate
         self.task_id = task_id
-        super().__init__(f"call {task_id} lost its slot of semaphore {gate!r}")
+
+    def __str__(self) -> str:
+        return f"call {self.task_id} lost its hold of gate {self.gate!r}"
 
 
 class CallDropped(SemaphoreError):
-    """Recorded as the result of a call whose worker died while it ran, with no redelivery.
+    """Recorded as the result of a call whose worker died while it held its gate.
 
     With early acknowledgement (Celery's default) the broker forgets a message once a worker
-    takes it; if that worker dies, the tick reclaims the slot and records this as the call's
+    takes it; if that worker dies, the tick reclaims the gate and records this as the call's
     final state, so a caller waiting on the result learns it.
 
     Attributes:
-        gate: the semaphore's name.
+        gate: the gate's name.
         task_id: the call.
         runner: the host and pid that last ran it.
     """
@@ -77,9 +131,36 @@ class CallDropped(SemaphoreError):
 
     def __str__(self) -> str:
         return (
-            f"call {self.task_id} of semaphore {self.gate!r} was dropped: its worker "
-            f"({self.runner or 'unknown'}) died while it ran and the broker will not redeliver it "
-            "(use acks_late for at-least-once)"
+            f"call {self.task_id} of gate {self.gate!r} was dropped: its worker "
+            f"({self.runner or 'unknown'}) died while it held the gate and the broker will not "
+            "redeliver it (use acks_late for at-least-once)"
+        )
+
+
+class NeverStarted(SemaphoreError):
+    """Recorded as the result of a call that was handed room again and again but never started.
+
+    Its message went to a queue no worker consumes, or no worker accepts its serializer.
+
+    Attributes:
+        gate: the gate's name.
+        task_id: the call.
+        queue: the queue its message was sent to.
+        attempts: how many times it was handed room.
+    """
+
+    def __init__(self, gate: str, task_id: str, queue: str, attempts: int) -> None:
+        super().__init__(gate, task_id, queue, attempts)
+        self.gate = gate
+        self.task_id = task_id
+        self.queue = queue
+        self.attempts = attempts
+
+    def __str__(self) -> str:
+        return (
+            f"call {self.task_id} of gate {self.gate!r} was sent to queue {self.queue!r} "
+            f"{self.attempts} times and never started: no worker consumes that queue or accepts "
+            "the message (check the worker's -Q and accept_content)"
         )
 
 

@@ -1,8 +1,8 @@
 """The Scheduler: slots that keep their state in Redis and poll their backends for work.
 
-A semaphore of size N is N slots sharing a backend list. ``@gated`` calls are one backend of
-this model, :class:`~celery_semaphore.backends.GatedCalls`: slots whose first backend it is
-are handed the next parked call by the release script itself, in the step that frees them.
+A semaphore of N slots is a gate of limit N; each slot holds one unit while it runs a task.
+Parked ``@gated`` calls of the same gate are handed room by the scripts themselves, in the
+step that frees it; idle slots poll their backends when the gate has room.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from celery.utils.log import get_logger
 
 from .backends.base import AbstractBackend, resolve_backend, resolve_class
 from .backends.gated import GatedCalls
-from .config import check_seconds
+from .config import check_name, check_seconds
 from .errors import ConfigurationError
-from .gate import Claimed, Gate, Grant, Malformed
+from .group import Claimed, Group, Release
 from .scripts import Scripts
 from .slot import AbstractSlot
 
-__all__ = ["Scheduler", "SlotConfig", "parse_slot_configs", "DEFAULT_SLOT_TIMEOUT_S"]
+__all__ = ["DEFAULT_SLOT_TIMEOUT_S", "Scheduler", "SlotConfig", "parse_slot_configs"]
 
 logger = get_logger(__name__)
 
@@ -33,7 +33,8 @@ DEFAULT_SEMAPHORE = "slots"
 _REQUIRED = ("backends", "slot_cls", "slot_id")
 _ALLOWED = {*_REQUIRED, "timeout", "semaphore"}
 
-GateFactory = Callable[[str, int, float], Gate]
+GroupFactory = Callable[[str], Group]
+Dispatch = Callable[[str, Release], Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,11 +46,6 @@ class SlotConfig:
     slot_cls: type[AbstractSlot]
     timeout_s: float
     semaphore: str
-
-    @property
-    def serves_gated_calls_first(self) -> bool:
-        """Whether parked ``@gated`` calls are this slot's first source of work."""
-        return self.backends[0] is GatedCalls
 
 
 def parse_slot_configs(configs: object, setting: str = "slots") -> list[SlotConfig]:
@@ -83,9 +79,6 @@ def parse_slot_configs(configs: object, setting: str = "slots") -> list[SlotConf
         refs = entry["backends"]
         if isinstance(refs, (str, type)) or not isinstance(refs, Sequence) or not refs:
             raise ConfigurationError(f"{where}: 'backends' must be a non-empty list, got {refs!r}")
-        semaphore = entry.get("semaphore", DEFAULT_SEMAPHORE)
-        if not isinstance(semaphore, str) or not semaphore or "{" in semaphore or "}" in semaphore:
-            raise ConfigurationError(f"{where}: bad semaphore name {semaphore!r}")
         parsed.append(
             SlotConfig(
                 slot_id=slot_id,
@@ -98,9 +91,11 @@ def parse_slot_configs(configs: object, setting: str = "slots") -> list[SlotConf
                     f"{where}.slot_cls",
                 ),
                 timeout_s=check_seconds(
-                    f"{where}.timeout", entry.get("timeout", DEFAULT_SLOT_TIMEOUT_S)
+                    f"{where}.timeout", entry.get("timeout", DEFAULT_SLOT_TIMEOUT_S), 1.0
                 ),
-                semaphore=semaphore,
+                semaphore=check_name(
+                    f"{where}.semaphore", entry.get("semaphore", DEFAULT_SEMAPHORE)
+                ),
             )
         )
     return parsed
@@ -113,7 +108,9 @@ class Scheduler:
         context: handed to every backend; standalone, it must hold a redis-py client as
             ``'redis_c'``; under Celery it also holds the app as ``'app'``.
         prefix: first part of every Redis key (``semaphore_key_prefix`` under Celery).
-        gate_factory: builds the Gate of a semaphore (the Celery extension passes its own).
+        group_factory: returns the Group a semaphore lives in (the Celery runtime passes its
+            own); by default a group named after the semaphore on ``context['redis_c']``.
+        dispatch: publishes the calls a release handed room (under Celery).
 
     Examples:
         >>> scheduler = Scheduler({"redis_c": redis.Redis()}).load(
@@ -127,27 +124,26 @@ class Scheduler:
         context: Mapping[str, Any] | None = None,
         *,
         prefix: str = "semaphore",
-        gate_factory: GateFactory | None = None,
+        group_factory: GroupFactory | None = None,
+        dispatch: Dispatch | None = None,
     ) -> None:
         self.context = dict(context or {})
         self.prefix = prefix
         self.slots: list[AbstractSlot] = []
-        self._gate_factory = gate_factory or self._default_gate
-        self._gates: dict[str, Gate] = {}
+        self._group_factory = group_factory or self._default_group
+        self._dispatch = dispatch
+        self._groups: dict[str, Group] = {}  # semaphore -> its group
         self._slots_of: dict[str, list[AbstractSlot]] = defaultdict(list)
         self._backends: dict[tuple[str, str], AbstractBackend] = {}
-        self._polled: set[str] = set()  # semaphores with a slot polling a Python backend
 
-    # -- building ----------------------------------------------------------------------
-
-    def _default_gate(self, name: str, limit: int, lease_s: float) -> Gate:
+    def _default_group(self, name: str) -> Group:
         client = self.context.get("redis_c")
         if not isinstance(client, redis.Redis):
             raise ConfigurationError(
                 "Scheduler needs a redis-py client in its context: Scheduler({'redis_c': "
                 "redis.Redis(...)})"
             )
-        return Gate(client, Scripts(client), name, limit, lease_s, prefix=self.prefix)
+        return Group(client, Scripts(client), name, prefix=self.prefix)
 
     def load(self, configs: Iterable[Mapping[str, Any]]) -> Scheduler:
         """Validate ``configs`` as a whole, then add their slots; returns the scheduler.
@@ -158,70 +154,57 @@ class Scheduler:
         """
         parsed = parse_slot_configs(list(configs))
         known_ids = {slot.slot_id for slot in self.slots}
+        by_semaphore: dict[str, list[SlotConfig]] = defaultdict(list)
         for cfg in parsed:
             if cfg.slot_id in known_ids:
                 raise ConfigurationError(f"slot_id {cfg.slot_id!r} is already loaded")
-        by_semaphore: dict[str, list[SlotConfig]] = defaultdict(list)
-        for cfg in parsed:
             by_semaphore[cfg.semaphore].append(cfg)
         for name in by_semaphore:
-            if name in self._gates:
+            if name in self._groups:
                 raise ConfigurationError(
                     f"the slots of semaphore {name!r} are already defined; give all of them in "
                     "one list"
                 )
         for name, cfgs in by_semaphore.items():
-            self._add_semaphore(name, cfgs)
+            group = self._groups[name] = self._group_factory(name)
+            for number, cfg in enumerate(cfgs, start=1):
+                backends = [self._backend_instance(name, group, cls) for cls in cfg.backends]
+                slot = cfg.slot_cls(group, name, str(number), cfg.slot_id, backends, cfg.timeout_s)
+                slot.size = len(cfgs)
+                self.slots.append(slot)
+                self._slots_of[name].append(slot)
         return self
 
-    def add_semaphore(self, name: str, limit: int, lease_s: float) -> Gate:
-        """Add a semaphore of ``limit`` slots serving only gated calls (what ``@gated`` uses).
-
-        Its slots live in Redis alone: the scripts hand them over, nothing here polls them,
-        so no slot object is built per unit of the limit.
-        """
-        gate = self._gate_factory(name, limit, lease_s)
-        self._gates[name] = gate
-        self._backend_instance(name, gate, GatedCalls)
-        return gate
-
-    def _add_semaphore(self, name: str, cfgs: list[SlotConfig]) -> Gate:
-        # Slots that serve parked calls first take numbers 1..k: the scripts hand a freed
-        # slot among those to the next parked call without leaving Redis.
-        ordered = sorted(cfgs, key=lambda c: not c.serves_gated_calls_first)
-        k = sum(1 for c in ordered if c.serves_gated_calls_first)
-        gate = self._gate_factory(name, k, max(c.timeout_s for c in ordered))
-        self._gates[name] = gate
-        for number, cfg in enumerate(ordered, start=1):
-            backends = [self._backend_instance(name, gate, cls) for cls in cfg.backends]
-            slot = cfg.slot_cls(gate, str(number), cfg.slot_id, backends, cfg.timeout_s)
-            if any(not isinstance(b, GatedCalls) for b in backends) or number > k:
-                self._polled.add(name)
-            self.slots.append(slot)
-            self._slots_of[name].append(slot)
-        return gate
-
     def _backend_instance(
-        self, name: str, gate: Gate, cls: type[AbstractBackend]
+        self, name: str, group: Group, cls: type[AbstractBackend]
     ) -> AbstractBackend:
         key = (name, cls.__name__)
         if key not in self._backends:
-            self._backends[key] = cls({**self.context, "gate": gate, "scheduler": self})
+            context = {**self.context, "group": group, "gate": name, "scheduler": self}
+            self._backends[key] = cls(context)
         return self._backends[key]
 
     # -- lookups -----------------------------------------------------------------------
 
-    def gate(self, name: str) -> Gate | None:
-        """The Gate of semaphore ``name``, or ``None`` when it has no slots here."""
-        return self._gates.get(name)
-
     @property
-    def gates(self) -> dict[str, Gate]:
-        """Semaphore name -> Gate."""
-        return dict(self._gates)
+    def semaphores(self) -> list[str]:
+        """The semaphores (gates) that have slots here."""
+        return list(self._groups)
+
+    def group_of(self, semaphore: str) -> Group | None:
+        """The Group the slots of ``semaphore`` live in, or ``None``."""
+        return self._groups.get(semaphore)
+
+    def groups(self) -> list[str]:
+        """Names of the groups the slots live in."""
+        return sorted({g.name for g in self._groups.values()})
+
+    def size(self, semaphore: str) -> int:
+        """Number of slots of ``semaphore`` (the limit of its gate)."""
+        return len(self._slots_of.get(semaphore, ()))
 
     def backend(self, semaphore: str, name: str) -> AbstractBackend | None:
-        """The backend instance ``name`` of ``semaphore`` (``""`` means GatedCalls)."""
+        """The backend instance ``name`` of ``semaphore``."""
         return self._backends.get((semaphore, name or GatedCalls.__name__))
 
     # -- the three operations ------------------------------------------------------------
@@ -233,61 +216,53 @@ class Scheduler:
         once never start two tasks in one slot: every claim is one script.
         """
         summary: dict[str, dict[str, int]] = {}
-        for name, gate in list(self._gates.items()):
-            reclaimed, grants, malformed, dropped = gate.reclaim()
+        for name, group in list(self._groups.items()):
+            outcome = group.reclaim()
             timed_out = 0
-            for r in reclaimed:
-                if r.state == "parked":
+            for row in outcome.reclaimed:
+                if row.backend:
+                    timed_out += 1
                     logger.warning(
-                        "semaphore %r: call %s was handed a slot but never started; parked again",
+                        "semaphore %r: the task %s in slot %s timed out (runner %s); its worker "
+                        "died or stopped renewing its lease",
                         name,
-                        r.task_id,
+                        row.task_id,
+                        row.slot or "?",
+                        row.runner or "-",
                     )
-                    continue
-                timed_out += 1
-                logger.warning(
-                    "semaphore %r: the task %s in slot %s timed out (state %s, runner %s); "
-                    "its worker died or stopped renewing its lease",
-                    name,
-                    r.task_id,
-                    r.slot or "?",
-                    r.state,
-                    r.runner or "-",
-                )
-                backend = self.backend(name, r.backend)
-                if backend is not None:
-                    _call(backend, "timeout_callback", r.task_id)
-                    _call(backend, "stop_callback", r.task_id)
-            gated_calls = self.backend(name, "")
-            if isinstance(gated_calls, GatedCalls):
-                # Nothing brought these back and no result arrived: give them a final state.
-                for task_id, runner in dropped:
-                    _call(gated_calls, "record_dropped", task_id, runner)
-            started = self._publish(name, grants, malformed)
-            if name in self._polled:
-                started += self._fill(name, gate)
-            summary[name] = {"timed_out": timed_out, "started": started}
+                    self.timed_out(name, row.task_id, row.backend)
+            if self._dispatch is not None:
+                self._dispatch(group.name, outcome)
+            summary[name] = {"timed_out": timed_out, "started": self._fill(name)}
         return summary
+
+    def timed_out(self, semaphore: str, task_id: str, backend_name: str) -> None:
+        """Run ``timeout_callback`` then ``stop_callback`` of the backend that started a task."""
+        for name in self._names_for(semaphore):
+            backend = self.backend(name, backend_name)
+            if backend is not None:
+                _call(backend, "timeout_callback", task_id)
+                _call(backend, "stop_callback", task_id)
+                return
 
     def keepalive(self, task_id: str, *, semaphore: str | None = None) -> bool:
         """Keep the slot running ``task_id`` alive; returns whether a slot runs it."""
-        return any(not self.renew(name, [task_id]) for name, _ in self._candidates(semaphore))
+        for name in self._candidates(semaphore):
+            group = self._groups[name]
+            lost, backends = group.keepalive({task_id: [name]}, int(DEFAULT_SLOT_TIMEOUT_S * 1000))
+            self.notify_keepalive(group.name, backends)
+            if task_id not in lost:
+                return True
+        return False
 
-    def renew(self, semaphore: str, task_ids: list[str]) -> list[str]:
-        """Renew the leases of ``task_ids`` in ``semaphore``; returns those that lost theirs.
-
-        The backends that started any of them get their ``keepalive_callback``.
-        """
-        lost, backends = self._gates[semaphore].keepalive(task_ids)
-        self.notify_keepalive(semaphore, backends)
-        return lost
-
-    def notify_keepalive(self, semaphore: str, backends: Mapping[str, str]) -> None:
-        """Call ``keepalive_callback`` for ``{task id: backend name}`` of ``semaphore``."""
-        for task_id, name in backends.items():
-            backend = self.backend(semaphore, name)
-            if backend is not None:
-                _call(backend, "keepalive_callback", task_id)
+    def notify_keepalive(self, group: str, backends: Mapping[str, str]) -> None:
+        """Call ``keepalive_callback`` for ``{task id: backend name}`` of a group."""
+        for task_id, backend_name in backends.items():
+            for name in self._names_for(group):
+                backend = self.backend(name, backend_name)
+                if backend is not None:
+                    _call(backend, "keepalive_callback", task_id)
+                    break
 
     def stop(self, task_id: str, *, semaphore: str | None = None, fence: int | None = None) -> bool:
         """Free the slot running ``task_id`` so another task may start in it.
@@ -295,46 +270,45 @@ class Scheduler:
         Returns whether a slot was freed. Stopping twice, or a task whose slot was already
         reclaimed, changes nothing.
         """
-        for name, gate in self._candidates(semaphore):
-            outcome = gate.release(task_id, fence)
-            self._publish(name, outcome.grants, outcome.malformed)
+        for name in self._candidates(semaphore):
+            group = self._groups[name]
+            outcome = group.release(task_id, fence)
+            if self._dispatch is not None:
+                self._dispatch(group.name, outcome)
             if outcome.released:
-                backend = self.backend(name, outcome.backend)
-                if backend is not None:
-                    _call(backend, "stop_callback", task_id)
-                if name in self._polled:
-                    self._fill(name, gate)
+                self.stopped(name, task_id, outcome.backend)
                 return True
         return False
 
+    def stopped(self, semaphore: str, task_id: str, backend_name: str) -> None:
+        """A task a backend started ended: ``stop_callback``, then idle slots poll again."""
+        for name in self._names_for(semaphore):
+            backend = self.backend(name, backend_name) if backend_name else None
+            if backend is not None:
+                _call(backend, "stop_callback", task_id)
+            self._fill(name)
+            return
+
+    def fill(self, group: str) -> int:
+        """Let the idle slots of the semaphores in ``group`` poll; returns tasks started."""
+        return sum(self._fill(name) for name in self._names_for(group))
+
     # -- internals ---------------------------------------------------------------------
 
-    def _candidates(self, semaphore: str | None) -> list[tuple[str, Gate]]:
+    def _names_for(self, name: str) -> list[str]:
+        """Semaphores named ``name`` or living in group ``name``."""
+        if name in self._groups:
+            return [name]
+        return [s for s, g in self._groups.items() if g.name == name]
+
+    def _candidates(self, semaphore: str | None) -> list[str]:
         if semaphore is None:
-            return list(self._gates.items())
-        gate = self._gates.get(semaphore)
-        return [(semaphore, gate)] if gate is not None else []
+            return list(self._groups)
+        return self._names_for(semaphore)
 
-    def _publish(self, name: str, grants: list[Grant], malformed: list[Malformed]) -> int:
-        for entry in malformed:
-            logger.error(
-                "semaphore %r: moved out a malformed parked entry %s: %r",
-                name,
-                entry.task_id,
-                entry.raw[:200],
-            )
-        if not grants:
-            return 0
-        ext = self.context.get("extension")
-        if ext is None:
-            logger.error(
-                "semaphore %r: %d parked calls but no Celery app to send them", name, len(grants)
-            )
-            return 0
-        return int(ext.dispatch(name, grants))
-
-    def _fill(self, name: str, gate: Gate) -> int:
-        occupied = gate.slots()
+    def _fill(self, name: str) -> int:
+        group = self._groups[name]
+        occupied = group.slots(name)
         started = 0
         for slot in self._slots_of[name]:
             if slot.number not in occupied and self._visit(slot):
@@ -344,15 +318,15 @@ class Scheduler:
     def _visit(self, slot: AbstractSlot) -> bool:
         """Poll an idle slot's backends in order and start the first task any returns."""
         for backend in slot.backends:
-            if isinstance(backend, GatedCalls) and int(slot.number) <= slot.gate.limit:
-                continue  # the release and reclaim scripts already served these slots
+            if isinstance(backend, GatedCalls):
+                continue  # the scripts hand room to parked gated calls themselves
             try:
                 found = backend.poll()
             except Exception:
                 logger.exception(
                     "backend %s of semaphore %r: poll() failed; skipped this time",
                     backend.name,
-                    slot.gate.name,
+                    slot.semaphore,
                 )
                 continue
             if found is None:
@@ -360,8 +334,8 @@ class Scheduler:
             task_id = str(found)
             outcome, fence = slot.claim(task_id, backend)
             if outcome in (Claimed.SLOT_BUSY, Claimed.RECOVERING):
-                return False  # another scheduler filled it; the task stays with its backend
-            if outcome is Claimed.ALREADY_HELD:
+                return False  # another scheduler filled it, or no room: it stays with its backend
+            if outcome in (Claimed.ALREADY_HELD, Claimed.ENDED):
                 continue
             try:
                 launched = backend.start_callback(task_id)
@@ -371,21 +345,23 @@ class Scheduler:
                 logger.exception(
                     "backend %s of semaphore %r: start_callback(%s) failed; the slot is free again",
                     backend.name,
-                    slot.gate.name,
+                    slot.semaphore,
                     task_id,
                 )
-                outcome_release = slot.gate.release(task_id, fence)
-                self._publish(slot.gate.name, outcome_release.grants, outcome_release.malformed)
+                outcome_release = slot.group.release(task_id, fence)
+                if self._dispatch is not None:
+                    self._dispatch(slot.group.name, outcome_release)
                 return False
             return True
         return False
 
     def _send(self, slot: AbstractSlot, task_id: str, signature: Any) -> None:
-        from .signals import HEADER
-
-        # The header makes the worker's signal handlers keep the slot alive and free it at
-        # the end of the run, whether or not the task is @gated itself.
-        signature.apply_async(task_id=task_id, headers={HEADER: slot.gate.name})
+        # The headers make the worker's receivers keep the slot alive and free it at the end
+        # of the run (and its guard enforce the verdict), whether or not the task is @gated.
+        signature.apply_async(
+            task_id=task_id,
+            headers={"semaphore_gate": slot.group.name, "semaphore_gates": slot.semaphore},
+        )
 
 
 def _call(backend: AbstractBackend, method: str, task_id: str, *args: Any) -> None:

@@ -17,7 +17,7 @@ from .errors import ScriptError
 
 __all__ = ["NAMES", "Scripts", "source"]
 
-NAMES = ("acquire", "start", "release", "keepalive", "reclaim", "claim", "cancel")
+NAMES = ("acquire", "start", "release", "keepalive", "reclaim", "claim", "cancel", "resize")
 
 
 @functools.cache
@@ -38,6 +38,7 @@ class Scripts:
     reclaim: Script
     claim: Script
     cancel: Script
+    resize: Script
 
     def __init__(self, client: redis.Redis) -> None:
         for name in NAMES:

@@ -6,7 +6,7 @@ from collections.abc import Hashable, Sequence
 from typing import Any, ClassVar
 
 from .backends.base import AbstractBackend
-from .gate import Claimed, Gate
+from .group import Claimed, Group
 
 __all__ = ["AbstractSlot", "RedisSlot"]
 
@@ -17,7 +17,8 @@ class AbstractSlot:
     A subclass is registered under its class name, so ``'slot_cls'`` can name it.
 
     Args:
-        gate: the semaphore the slot belongs to.
+        group: the Group the semaphore lives in.
+        semaphore: the semaphore (gate) the slot belongs to.
         number: the slot's number within the semaphore.
         slot_id: the id given in the configuration.
         backends: where the slot looks for work, in order.
@@ -32,20 +33,24 @@ class AbstractSlot:
 
     def __init__(
         self,
-        gate: Gate,
+        group: Group,
+        semaphore: str,
         number: str,
         slot_id: Hashable,
         backends: Sequence[AbstractBackend],
         timeout_s: float,
     ) -> None:
-        self.gate = gate
+        self.group = group
+        self.semaphore = semaphore
         self.number = number
         self.slot_id = slot_id
         self.backends = list(backends)
         self.timeout_s = timeout_s
+        #: How many slots the semaphore has (the limit of its gate).
+        self.size = 1
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.slot_id!r} of {self.gate.name!r} #{self.number}>"
+        return f"<{type(self).__name__} {self.slot_id!r} of {self.semaphore!r} #{self.number}>"
 
     def current(self) -> str | None:
         """The id of the task running in this slot, or ``None`` when it is idle."""
@@ -61,11 +66,15 @@ class RedisSlot(AbstractSlot):
 
     def current(self) -> str | None:
         """The id of the task running in this slot, or ``None``."""
-        return self.gate.slots().get(self.number)
+        return self.group.slots(self.semaphore).get(self.number)
 
     def claim(self, task_id: str, backend: AbstractBackend) -> tuple[Claimed, int]:
         """Claim the slot for ``task_id`` in one script: it fails when the slot is busy."""
-        outcome, fence, _ = self.gate.claim(
-            self.number, task_id, backend.name, lease_s=self.timeout_s
+        return self.group.claim(
+            self.semaphore,
+            self.number,
+            task_id,
+            backend.name,
+            lease_ms=int(self.timeout_s * 1000),
+            limit=self.size,
         )
-        return outcome, fence

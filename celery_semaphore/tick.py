@@ -1,4 +1,10 @@
-"""The beat task ``celery_semaphore.tick`` and its place in the beat schedule."""
+"""The beat task ``celery_semaphore.tick``: the safety net that repairs what signals missed.
+
+Each run, per group: reclaim expired leases, start calls whose time came, hand room to waiting
+calls, record the final state of calls that can no longer finish (``CallDropped``,
+``NeverStarted``), and let scheduler slots poll their backends. Two ticks at once (two
+beats) have the effect of one: every step is one script.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +14,94 @@ from celery import Celery
 from celery.utils.log import get_logger
 
 from .config import DEFAULTS, check_seconds
+from .group import Reclaimed
+from .message import Envelope
+from .runtime import Runtime, runtime_for
 
-__all__ = ["register_tick"]
+__all__ = ["TICK_TASK", "register_tick", "run_tick"]
 
 logger = get_logger(__name__)
+
+#: Name of the beat-scheduled task.
+TICK_TASK = "celery_semaphore.tick"
+
+
+def run_tick(rt: Runtime) -> dict[str, dict[str, int]]:
+    """One tick over every group the app knows; returns counts per group."""
+    summary: dict[str, dict[str, int]] = {}
+    scheduler = rt.scheduler
+    groups = set(rt.known_groups())
+    if scheduler is not None:
+        groups.update(scheduler.groups())
+    backoff_ms = int(rt.settings.tick_interval_s * 1000)
+    for name in sorted(groups):
+        group = rt.group(name)
+        outcome = group.reclaim(backoff_ms=backoff_ms)
+        timed_out = 0
+        for row in outcome.reclaimed:
+            timed_out += _report(rt, name, row)
+        for task_id, runner in outcome.dropped:
+            rt.record_dropped(name, task_id, runner)
+        started = rt.dispatch(name, outcome.grants, outcome.malformed)
+        if scheduler is not None:
+            started += scheduler.fill(name)
+        summary[name] = {"timed_out": timed_out, "started": started}
+    return summary
+
+
+def _report(rt: Runtime, group: str, row: Reclaimed) -> int:
+    if row.state == "waiting":
+        logger.warning(
+            "gate group %r: call %s was handed room but never started (%d times); sent again "
+            "after the calls behind it",
+            group,
+            row.task_id,
+            row.dispatches,
+        )
+        return 0
+    if row.state == "abandoned":
+        queue = "?"
+        try:
+            envelope = Envelope.decode(row.message)
+            queue = (
+                envelope.queues[0]
+                if envelope.queues
+                else str(envelope.publish_kwargs.get("routing_key", "?"))
+            )
+        except ValueError:
+            pass
+        logger.error(
+            "gate group %r: call %s was sent to queue %r %d times and never started; recorded "
+            "as NeverStarted",
+            group,
+            row.task_id,
+            queue,
+            row.dispatches,
+        )
+        rt.record_never_started(group, row.task_id, queue, row.dispatches)
+        return 0
+    logger.warning(
+        "gate group %r: the lease of call %s expired (state %s, runner %s); its worker died or "
+        "stopped renewing it",
+        group,
+        row.task_id,
+        row.state,
+        row.runner or "-",
+    )
+    if row.backend and rt.scheduler is not None:
+        rt.scheduler.timed_out(group, row.task_id, row.backend)
+    return 1
 
 
 def register_tick(app: Celery) -> None:
     """Register the tick task on ``app`` and add it to the beat schedule once configured."""
-    from .extension import TICK_TASK, extension_for
 
     def tick(self: Any) -> dict[str, Any]:
-        ext = extension_for(self.app)
-        return ext.tick() if ext is not None else {}
+        rt = runtime_for(self.app)
+        return run_tick(rt) if rt is not None else {}
 
     tick.__name__ = "tick"
-    tick.__doc__ = "Reclaim expired leases and dispatch parked calls into free slots."
+    tick.__doc__ = "Reclaim expired leases and dispatch waiting calls into free room."
     app.task(name=TICK_TASK, bind=True, ignore_result=True, shared=False)(tick)
 
     def schedule(sender: Celery | None = None, **_: Any) -> None:

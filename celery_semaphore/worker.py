@@ -1,8 +1,8 @@
-"""A worker bootstep that keeps the leases of running (and prefetched) gated calls alive.
+"""Inside a worker: every task's run guarded, and a bootstep that keeps leases alive.
 
-It runs on the worker's timer in the main process, so it covers the prefork, threads,
-eventlet and gevent pools; it cannot run during a task on the ``solo`` pool, whose only
-thread is busy running the task.
+The keepalive runs on the worker's timer in the main process, so it covers the prefork,
+threads, eventlet and gevent pools; it cannot run during a task on the ``solo`` pool, whose
+only thread is busy running the task.
 """
 
 from __future__ import annotations
@@ -11,26 +11,30 @@ import os
 from collections import defaultdict
 from typing import Any
 
-from celery import bootsteps
+from celery import bootsteps, signals
 from celery.utils.log import get_logger
 from celery.worker import state
 
-from .signals import HEADER
+from .publish import GATES_HEADER, HEADER
+from .runtime import runtime_for
+from .signals import guard
 
-__all__ = ["Keepalive", "gated_requests", "process_alive"]
+__all__ = ["Keepalive", "gated_requests", "guard_all_tasks", "process_alive"]
 
 logger = get_logger(__name__)
 
 
-def gated_requests() -> dict[str, list[str]]:
-    """``{gate: [call ids]}`` of the gated requests this worker runs or has prefetched."""
-    calls: dict[str, list[str]] = defaultdict(list)
+def gated_requests() -> dict[str, dict[str, list[str]]]:
+    """``{group: {call id: gates}}`` of the gated requests this worker runs or has prefetched."""
+    calls: dict[str, dict[str, list[str]]] = defaultdict(dict)
     for request in list(state.active_requests) + list(state.reserved_requests):
-        gate = getattr(request, "_request_dict", {}).get(HEADER)
+        message = getattr(request, "_request_dict", {})
+        group = message.get(HEADER)
         # Celery may notice a killed prefork child seconds late; its run is over, so its
         # lease must not be renewed meanwhile.
-        if isinstance(gate, str) and process_alive(getattr(request, "worker_pid", None)):
-            calls[gate].append(request.id)
+        if isinstance(group, str) and process_alive(getattr(request, "worker_pid", None)):
+            gates = str(message.get(GATES_HEADER) or group).split(",")
+            calls[group][request.id] = gates
     return calls
 
 
@@ -52,6 +56,29 @@ def process_alive(pid: int | None) -> bool:
         return True
 
 
+def guard_all_tasks(sender: Any = None, **_: Any) -> None:
+    """``worker_init``: guard the run of every task of the worker's app.
+
+    Any message carrying the gate header must obey its verdict (a task a scheduler slot
+    started is not ``@gated``). Done before the pool starts, so prefork children inherit it
+    and Celery's tracers (built at a task's first run) use the guarded run.
+    """
+    app = getattr(sender, "app", None)
+    if runtime_for(app) is None:
+        return
+    for task in list(app.tasks.values()):
+        run = task.__dict__.get("run") or getattr(task, "run", None)
+        if run is not None:
+            task.run = guard(run)
+
+
+def connect_worker_init() -> None:
+    """Connect :func:`guard_all_tasks` once per process."""
+    signals.worker_init.connect(
+        guard_all_tasks, weak=False, dispatch_uid="celery_semaphore.guard_all_tasks"
+    )
+
+
 class Keepalive(bootsteps.StartStopStep):
     """Renews leases every third of the shortest lease."""
 
@@ -64,28 +91,36 @@ class Keepalive(bootsteps.StartStopStep):
 
     def start(self, worker: Any) -> None:
         """Start the timer (a no-op for an app without the extension)."""
-        from .extension import extension_for
-
-        ext = extension_for(worker.app)
-        if ext is None:
+        rt = runtime_for(worker.app)
+        if rt is None:
             return
+        lease_ms = int(rt.settings.lease_s * 1000)
 
         def renew() -> None:
-            calls = gated_requests()
-            if not calls:
-                return
-            try:
-                lost = ext.keepalive(calls)
-            except Exception:  # the timer must go on; lease expiry covers a missed renewal
-                logger.exception("celery_semaphore: keepalive failed")
-                return
-            for task_id in lost:
-                logger.warning("semaphore: call %s holds no slot any more (lease lost)", task_id)
+            for group, calls in gated_requests().items():
+                try:
+                    lost, backends = rt.group(group).keepalive(calls, lease_ms)
+                except Exception:  # the timer must go on; lease expiry covers a missed renewal
+                    logger.exception("celery_semaphore: keepalive of group %r failed", group)
+                    continue
+                if backends and rt.scheduler is not None:
+                    rt.scheduler.notify_keepalive(group, backends)
+                for task_id in lost:
+                    logger.warning("gate: call %s holds nothing any more (lease lost)", task_id)
 
-        self.tref = worker.timer.call_repeatedly(ext.keepalive_interval(), renew, priority=10)
+        self.tref = worker.timer.call_repeatedly(keepalive_interval(rt), renew, priority=10)
 
     def stop(self, worker: Any) -> None:
         """Stop the timer."""
         if self.tref is not None:
             self.tref.cancel()
             self.tref = None
+
+
+def keepalive_interval(rt: Any) -> float:
+    """Seconds between two keepalives: a third of the shortest lease of any gated task or slot."""
+    leases = [rt.settings.lease_s] + [g.lease_s for g in rt.task_gates()]
+    scheduler = rt.scheduler
+    if scheduler is not None:
+        leases += [slot.timeout_s for slot in scheduler.slots]
+    return max(min(leases) / 3.0, 0.05)

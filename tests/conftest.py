@@ -70,7 +70,7 @@ def slot_keys(client: redis.Redis, prefix: str) -> list[str]:
 
 
 #: What a semaphore keeps at rest, whatever it ran: its state hash and its free-slot set.
-AT_REST = ("state", "free")
+AT_REST = ("state",)
 
 
 def at_rest(prefix: str, *gates: str) -> list[str]:
@@ -122,3 +122,33 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "c
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.02)
+
+
+def acquire(
+    group: Any,
+    task_id: str,
+    message: bytes = b"",
+    *,
+    gate: str = "work",
+    limit: int = 1,
+    lease_s: float = 30.0,
+    now_ms: int | None = None,
+    **call: Any,
+) -> Any:
+    """Acquire ``gate`` for a call made by hand (a holder whose worker is gone, say)."""
+    from celery_semaphore.spec import CallSpec
+
+    spec = CallSpec(
+        keys=tuple(call.get("keys", ("",))),
+        weights=tuple(call.get("weights", (1,))),
+        key_limits=tuple(call.get("key_limits", (0,))),
+        priority=call.get("priority", 0),
+        lease_ms=int(lease_s * 1000),
+        redeliver=call.get("redeliver", False),
+    )
+    gates = tuple(call.get("gates", (gate,)))
+    limits = call.get("limits", [limit] * len(gates))
+    return group.acquire(
+        task_id, spec.to_json(gates), limits, message, lease_ms=spec.lease_ms,
+        delay_ms=call.get("delay_ms", 0), flags=call.get("flags", ""), now_ms=now_ms,
+    )  # fmt: skip

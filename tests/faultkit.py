@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from celery_semaphore import extension_for
-from celery_semaphore.gate import Gate
+from celery_semaphore import runtime_for
+from celery_semaphore.group import Group
 from celery_semaphore.server import PrivateRedis, free_port, start_private_redis
 
 from . import faultproj
@@ -183,10 +183,10 @@ class Cluster:
         return self.app.probe  # type: ignore[attr-defined, no-any-return]
 
     @property
-    def gate(self) -> Gate:
-        ext = extension_for(self.app)
+    def gate(self) -> Group:
+        ext = runtime_for(self.app)
         assert ext is not None
-        return ext.gate(faultproj.GATE)
+        return ext.group(faultproj.GATE)
 
     @property
     def lease(self) -> float:

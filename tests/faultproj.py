@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 import redis
-from celery import Celery, signals
+from celery import Celery, group, signals
 
 from celery_semaphore import current_fence, gated, holds_slot
 from celery_semaphore.message import Envelope
@@ -178,6 +178,90 @@ def create_app(
             finish(self)
         return {"fence": current_fence(), "lease_lost": lost}
 
+    @gated(GATE)
+    @app.task(name="fault.retry_after", bind=True, shared=False, max_retries=3)
+    def retry_after(self: Any, countdown: float) -> int:
+        begin(self)
+        finish(self)
+        if self.request.retries == 0:
+            raise self.retry(countdown=countdown)
+        return int(self.request.retries)
+
+    # A task a scheduler slot starts (TaskBackend): not @gated, it runs under the slot's header.
+    @app.task(name="fault.job", bind=True, shared=False)
+    def job(self: Any, flag: str, max_s: float = 30.0) -> str:
+        begin(self)
+        try:
+            deadline = time.monotonic() + max_s
+            while not probe.flag(flag) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        finally:
+            finish(self)
+        return "done"
+
+    # Task.replace, gated and plain: a nesting of replacements under one id, and chains.
+    def nest_body(self: Any, depth: int, acc: Any = ()) -> list[Any]:
+        begin(self)
+        finish(self)
+        acc = [*acc, depth]
+        if depth <= 0:
+            return acc
+        raise self.replace(self.si(depth - 1, acc))
+
+    def nest_chain_body(self: Any, depth: int, acc: list[Any], tag: Any) -> list[Any]:
+        begin(self)
+        finish(self)
+        acc = [*acc, depth]
+        if depth <= 0:
+            return acc
+        raise self.replace(self.si(depth - 1, acc) | tag.s(f"c{depth}"))
+
+    def nest_group_body(self: Any, depth: int, tag: Any) -> list[Any]:
+        begin(self)
+        finish(self)
+        if depth <= 0:
+            return [0]
+        raise self.replace(group(self.si(depth - 1), tag.si([depth], "g")))
+
+    def tag_body(self: Any, acc: list[Any], marker: str) -> list[Any]:
+        begin(self)
+        finish(self)
+        return [*acc, marker]
+
+    for suffix, wrap in (("", gated(GATE)), ("_plain", lambda t: t)):
+        tag_task = wrap(app.task(name=f"fault.tag{suffix}", bind=True, shared=False)(tag_body))
+
+        def nest_chain(self: Any, depth: int, acc: list[Any] = [], _tag: Any = tag_task) -> Any:  # noqa: B006
+            return nest_chain_body(self, depth, acc, _tag)
+
+        def nest_group(self: Any, depth: int, _tag: Any = tag_task) -> Any:
+            return nest_group_body(self, depth, _tag)
+
+        wrap(app.task(name=f"fault.nest{suffix}", bind=True, shared=False)(nest_body))
+        wrap(app.task(name=f"fault.nest_group{suffix}", bind=True, shared=False)(nest_group))
+        wrap(app.task(name=f"fault.nest_chain{suffix}", bind=True, shared=False)(nest_chain))
+
+    # Gate "beta" with its limit only in the decorator, placed above and below @app.task.
+    @gated("beta", limit=2)
+    @app.task(name="fault.beta_above", bind=True, shared=False)
+    def beta_above(self: Any, ms: float = 50) -> float:
+        begin(self)
+        try:
+            time.sleep(ms / 1000.0)
+        finally:
+            finish(self)
+        return ms
+
+    @app.task(name="fault.beta_below", bind=True, shared=False)
+    @gated("beta", limit=2)
+    def beta_below(self: Any, ms: float = 50) -> float:
+        begin(self)
+        try:
+            time.sleep(ms / 1000.0)
+        finally:
+            finish(self)
+        return ms
+
     def on_prerun(task_id: str | None = None, task: Any = None, **_: Any) -> None:
         if task is not None and task.app is app and task.name.startswith("fault."):
             info = task.request.delivery_info or {}
@@ -205,6 +289,9 @@ def app_from_env(env: os._Environ[str] | dict[str, str]) -> Celery:
         "task_acks_late": env.get("CS_ACKS_LATE") == "1",
         "task_reject_on_worker_lost": env.get("CS_REJECT_ON_LOST") == "1",
         "task_retry_on_worker_lost": env.get("CS_RETRY_ON_LOST") == "1",
+        "semaphore_max_dispatches": int(env.get("CS_MAX_DISPATCHES", "5")),
+        "semaphore_limit_source": env.get("CS_LIMIT_SOURCE", "redis"),
+        "semaphore_redis_timeout": float(env.get("CS_REDIS_TIMEOUT", "2.0")),
     }
     if env.get("CS_VISIBILITY"):
         # Kombu's sweep of unacked messages: every second instead of every 100 s.

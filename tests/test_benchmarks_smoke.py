@@ -1,10 +1,19 @@
-"""The benchmark harness runs a tiny configuration and prints its table (speed is not asserted)."""
+"""The benchmark harness runs a tiny configuration of every scenario and prints its table.
+
+Speed is not asserted (a tiny run on a busy machine says nothing about it), but what each
+scenario counted is: every call sent ran exactly once, a gate never had more running than
+its limit and did reach it, the fairness figure is within its bound, and the groups driven
+directly end at rest.
+"""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,25 +27,96 @@ EXPECTED_ROWS = (
     "| 4 submit | gated (free slot) / plain, calls/s |",
     "| 5 Redis cost | round trips per call, free gate",
     "| 6 worker memory | peak RSS with - without |",
+    "| 7 backlog | time to park 2,000 calls",
+    "| 7 backlog | Redis memory per parked call",
+    "| 7 backlog | drain rate, last / first window |",
+    "| 8 fairness | grants to the big key",
+    "| 9 stacked | Group level, stacked / plain |",
+    "| 9 stacked | end to end, stacked / plain |",
 )
+LIMIT = 4
+BACKLOG = 2000
 
 
-def test_a_tiny_benchmark_run_prints_a_markdown_table_with_every_scenario(tmp_path: Path) -> None:
-    table = tmp_path / "table.md"
+def _run(tmp_path: Path) -> tuple[str, str, dict[str, list[dict[str, Any]]]]:
+    table, facts = tmp_path / "table.md", tmp_path / "rows.json"
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--scale", "0.02", "--reps", "1",
-         "--memory-calls", "100", "--durations", "10", "--no-dramatiq", "--output", str(table)],
+         "--memory-calls", "100", "--durations", "10", "--no-dramatiq", "--limit", str(LIMIT),
+         "--backlog", str(BACKLOG), "--output", str(table), "--json", str(facts)],
         capture_output=True,
         text=True,
-        timeout=110,
+        timeout=150,
         cwd=ROOT,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
-    text = table.read_text()
-    assert text in out.stdout
+    by_scenario: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in json.loads(facts.read_text())["rows"]:
+        if row["facts"]:
+            by_scenario[row["scenario"].split()[0]].append(row["facts"])
+    return out.stdout, table.read_text(), by_scenario
+
+
+def test_a_tiny_benchmark_run_checks_every_scenario(tmp_path: Path) -> None:
+    stdout, text, facts = _run(tmp_path)
+
+    # The table: printed, complete, and every verdict one of the known ones.
+    assert text in stdout
     assert "| Scenario | Figure | Measured: median (min-max) | Target | Verdict |" in text
     for row in EXPECTED_ROWS:
         assert row in text, f"missing row {row!r} in:\n{text}"
     rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
     verdicts = {line.rstrip(" |").rsplit("| ", 1)[1] for line in rows}
     assert verdicts <= {"met", "missed", "info", "met (at 100 calls)", "missed (at 100 calls)"}
+
+    # 1: every call of every variant ran once.
+    (f,) = facts["1"]
+    assert f["calls_sent"] == f["calls_completed"]
+    assert set(f["calls_sent"]) == {"plain", "gated", "in-task"}
+
+    # 2 and 3: the gate reached its limit and never went over it (from the tasks' own times).
+    (f,) = facts["2"]
+    assert f["calls_completed"] == f["calls_sent"] > 0
+    assert f["peak_running"] == f["limit"] == LIMIT
+    (f,) = facts["3"]
+    assert f["calls_completed"] == f["calls_sent"] > 0
+    assert f["peak_running"] == f["limit"] == 1
+
+    # 4: a full gate parks every call sent to it (the filler keeps its one unit); the calls
+    # timed on a free gate were all given back.
+    (f,) = facts["4"]
+    assert f["full_parked"] == f["calls_sent"]["full"] > 0
+    assert (f["full_held"], f["free_held"]) == (1, 0)
+
+    # 5 and 6: every call ran once.
+    assert [g["gate"] for g in facts["5"]] == ["free", "limited"]
+    for f in facts["5"]:
+        assert f["calls_completed"] == f["calls_sent"] > 0
+    (f,) = facts["6"]
+    assert f["calls_completed"] == {"plain": f["calls_sent"], "gated": f["calls_sent"]}
+
+    # 7: the whole backlog parked, then started once each, never more than the limit held;
+    # afterwards only the group's state hash is left in Redis.
+    (f,) = facts["7"]
+    assert f["calls_sent"] == f["calls_parked"] == f["calls_completed"] == BACKLOG
+    assert f["peak_used"] == f["limit"] == LIMIT
+    assert f["used_during_drain"] == [LIMIT] * 4
+    assert f["at_rest"] and f["keys_left"] == ["{bench:backlog}:state"]
+
+    # 8: the small key's 10 calls all started within 10 + 2 x limit grants to the big key,
+    # with a key limit below the gate's and equal to it.
+    assert [f["key_limit"] for f in facts["8"]] == [LIMIT // 2, LIMIT]
+    for f in facts["8"]:
+        assert f["bound"] == 10 + 2 * LIMIT
+        assert f["big_grants_before_small_done"] is not None
+        assert f["big_grants_before_small_done"] <= f["bound"]
+        assert f["calls_completed"] == f["calls_sent"] == f["big_backlog"] + 10
+        assert f["peak_used"] == LIMIT and f["peak_key"] == f["key_limit"]
+        assert f["at_rest"]
+
+    # 9: every call through both gates ran once, at the Group level and end to end.
+    (f,) = facts["9"]
+    assert f["calls_completed"] == f["calls_sent"] > 0
+    assert f["e2e_calls_completed"] == f["e2e_calls_sent"] > 0
+    assert f["at_rest"]
+    assert f["keys_left"] == ["{bench:plain}:state", "{bench:stacked}:state"]

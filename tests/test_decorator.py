@@ -9,9 +9,10 @@ import textwrap
 import pytest
 from celery import Celery, shared_task
 
-from celery_semaphore import ConfigurationError, SemaphoreError, extension_for, gated, install
+from celery_semaphore import ConfigurationError, SemaphoreError, gated, install, runtime_for
 from celery_semaphore.config import Settings
-from celery_semaphore.decorator import spec_of
+from celery_semaphore.publish import Publisher
+from celery_semaphore.spec import specs_of
 
 
 def new_app(**conf: object) -> Celery:
@@ -44,9 +45,11 @@ def test_gated_above_a_task_marks_it_and_installs_on_its_app() -> None:
     @app.task(name="t.above", shared=False)
     def above() -> None: ...
 
-    spec = spec_of(above)
+    (spec,) = specs_of(above)
     assert (spec.gate, spec.limit, spec.lease_s) == ("reports", 2, 12.0)
-    assert extension_for(app).spec_for("t.above") == spec
+    gates = runtime_for(app).gates_of("t.above")
+    assert (gates.names, gates.limits, gates.lease_s) == (("reports",), (2,), 12.0)
+    assert gates.group == "reports"
 
 
 def test_gated_below_a_task_marks_its_function_and_installs_on_the_current_app() -> None:
@@ -57,20 +60,20 @@ def test_gated_below_a_task_marks_its_function_and_installs_on_the_current_app()
     @gated("reports", limit=2)
     def below() -> None: ...
 
-    assert extension_for(app) is not None
+    assert runtime_for(app) is not None
     assert below.name == "t.below"  # first use binds the lazy task, as .delay() would
-    assert extension_for(app).spec_for("t.below").gate == "reports"
+    assert runtime_for(app).gates_of("t.below").names == ("reports",)
 
 
-def test_bare_gated_names_the_semaphore_after_the_task() -> None:
+def test_bare_gated_names_the_gate_after_the_task() -> None:
     app = new_app(semaphore_limits={"t.bare": 1})
 
     @gated
     @app.task(name="t.bare", shared=False)
     def bare() -> None: ...
 
-    assert extension_for(app).spec_for("t.bare").gate == "t.bare"
-    assert extension_for(app).limit_of("t.bare") == 1
+    assert runtime_for(app).gates_of("t.bare").names == ("t.bare",)
+    assert runtime_for(app).gates_of("t.bare").limits == (1,)
 
 
 def test_gated_above_shared_task_binds_the_current_apps_task() -> None:
@@ -81,7 +84,7 @@ def test_gated_above_shared_task_binds_the_current_apps_task() -> None:
     @shared_task(name="t.shared")
     def shared() -> None: ...
 
-    assert spec_of(app.tasks["t.shared"]).gate == "shared"
+    assert specs_of(app.tasks["t.shared"])[0].gate == "shared"
 
 
 @pytest.mark.parametrize("target", [42, "text", int, None])
@@ -93,17 +96,17 @@ def test_gated_on_something_that_is_neither_a_task_nor_a_function_is_a_type_erro
 
 
 @pytest.mark.parametrize("limit", [0, -1, 2.5, "3", True])
-def test_a_limit_that_is_not_a_positive_integer_names_the_semaphore(limit: object) -> None:
-    with pytest.raises(ValueError, match="semaphore 'crawler'"):
+def test_a_limit_that_is_not_a_positive_integer_names_the_gate(limit: object) -> None:
+    with pytest.raises(ValueError, match="gate 'crawler'"):
         gated("crawler", limit=limit)  # type: ignore[arg-type]
 
 
-def test_a_bad_limit_in_the_settings_names_the_semaphore() -> None:
-    with pytest.raises(ConfigurationError, match="semaphore 'crawler'"):
+def test_a_bad_limit_in_the_settings_names_the_gate() -> None:
+    with pytest.raises(ConfigurationError, match="gate 'crawler'"):
         Settings.from_conf(new_app(semaphore_limits={"crawler": 0}).conf)
 
 
-def test_a_semaphore_without_a_limit_is_an_error_naming_semaphore_limits() -> None:
+def test_a_gate_without_a_limit_is_an_error_naming_semaphore_limits() -> None:
     app = new_app()
 
     @gated("nolimit")
@@ -116,7 +119,7 @@ def test_a_semaphore_without_a_limit_is_an_error_naming_semaphore_limits() -> No
     assert "nolimit" in str(info.value)
 
 
-def test_two_different_limits_for_one_semaphore_are_refused() -> None:
+def test_two_different_limits_for_one_gate_are_refused() -> None:
     app = new_app()
 
     @gated("shared-gate", limit=2)
@@ -134,7 +137,8 @@ def test_install_is_idempotent() -> None:
     app = new_app()
     first = install(app)
     assert install(app) is first
-    assert app.amqp.send_task_message == first.send_task_message
+    assert isinstance(app.amqp.send_task_message, Publisher)
+    assert app.amqp.send_task_message.runtime is first
     assert sum(1 for step in app.steps["worker"] if step.__name__ == "Keepalive") == 1
 
 
@@ -142,6 +146,12 @@ def test_install_is_idempotent() -> None:
     ("setting", "value", "message"),
     [
         ("semaphore_lease", 0, "semaphore_lease"),
+        ("semaphore_lease", float("nan"), "semaphore_lease"),
+        ("semaphore_lease", 0.0004, "at least 1"),
+        ("semaphore_limit_source", "mine", "semaphore_limit_source"),
+        ("semaphore_groups", {"a": "{b}"}, "semaphore_groups"),
+        ("semaphore_key_limits", {"api": {"acme": 0}}, "key limit"),
+        ("semaphore_max_dispatches", 0, "semaphore_max_dispatches"),
         ("semaphore_tick_interval", "fast", "semaphore_tick_interval"),
         ("semaphore_limits", [("a", 1)], "semaphore_limits"),
         ("semaphore_key_prefix", "{x}", "semaphore_key_prefix"),

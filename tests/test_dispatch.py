@@ -10,10 +10,11 @@ import redis
 from celery import Celery, chain, chord, group
 from kombu.exceptions import EncodeError
 
-from celery_semaphore import TICK_TASK, RedisUnavailable, extension_for
-from celery_semaphore.gate import Acquired
+from celery_semaphore import TICK_TASK, RedisUnavailable, runtime_for
+from celery_semaphore.group import Acquired
+from celery_semaphore.tick import run_tick
 
-from .conftest import at_rest, slot_keys, threads_worker, wait_for
+from .conftest import acquire, at_rest, slot_keys, threads_worker, wait_for
 
 
 def test_a_hundred_calls_through_a_gate_of_three_never_run_more_than_three_at_once(
@@ -25,7 +26,7 @@ def test_a_hundred_calls_through_a_gate_of_three_never_run_more_than_three_at_on
         assert [r.get(timeout=60) for r in results] == [20] * 100
     assert app.probe.value("peak") == 3
     assert app.probe.value("done") == 100
-    gate = extension_for(app).gate("work")
+    gate = runtime_for(app).group("work")
     assert gate.held() == 0
     assert gate.parked() == 0
     # Per-call data is gone: only the gate's state hash remains.
@@ -46,7 +47,7 @@ def test_a_call_with_a_free_slot_is_published_at_once_and_a_full_gate_parks(
     make_app: Callable[..., Celery],
 ) -> None:
     app = make_app(limit=1)
-    gate = extension_for(app).gate("work")
+    gate = runtime_for(app).group("work")
     first = app.tasks["proj.work"].delay(10)
     assert gate.held() == 1 and gate.parked() == 0
     assert app.connection_for_write().default_channel.client.llen(app.conf.task_default_queue) == 1
@@ -94,7 +95,7 @@ def test_chains_groups_and_chords_of_gated_tasks_complete_with_their_results(
             10,
         ]
         assert chord((add.s(i, 1) for i in range(5)), tsum.s()).apply_async().get(timeout=30) == 15
-    gate = extension_for(app).gate("work")
+    gate = runtime_for(app).group("work")
     assert gate.held() == 0 and gate.parked() == 0
 
 
@@ -106,12 +107,12 @@ def test_a_failing_task_gives_its_slot_back(make_app: Callable[..., Celery]) -> 
         with pytest.raises(RuntimeError, match="boom"):
             failed.get(timeout=20)
         assert after.get(timeout=20) == 5
-    assert extension_for(app).gate("work").held() == 0
+    assert runtime_for(app).group("work").held() == 0
 
 
 def test_send_task_by_name_is_gated_too(make_app: Callable[..., Celery]) -> None:
     app = make_app(limit=1)
-    gate = extension_for(app).gate("work")
+    gate = runtime_for(app).group("work")
     app.send_task("proj.work", (5,))
     app.send_task("proj.work", (5,))
     assert (gate.held(), gate.parked()) == (1, 1)
@@ -126,7 +127,7 @@ def test_arguments_the_serializer_cannot_encode_reach_the_caller_and_park_nothin
     before = slot_keys(slots, prefix)
     with pytest.raises(EncodeError):
         work.delay(object())
-    gate = extension_for(app).gate("work")
+    gate = runtime_for(app).group("work")
     assert (gate.held(), gate.parked()) == (1, 0)
     assert slot_keys(slots, prefix) == before
 
@@ -148,10 +149,10 @@ def test_the_tick_reclaims_a_dead_holder_and_dispatches_the_parked_call(
     make_app: Callable[..., Celery],
 ) -> None:
     app = make_app(limit=1)
-    ext = extension_for(app)
-    gate = ext.gate("work")
+    ext = runtime_for(app)
+    gate = ext.group("work")
     # A holder whose worker died: granted with a short lease, never released.
-    assert gate.acquire("dead", b"", lease_s=0.05)[0] is Acquired.GRANTED
+    assert acquire(gate, "dead", b"", lease_s=0.05)[0] is Acquired.GRANTED
     parked = app.tasks["proj.work"].delay(5)
     assert gate.parked() == 1
     with threads_worker(app, concurrency=2):
@@ -181,10 +182,10 @@ def test_eager_mode_runs_gated_tasks_directly(
 
 def test_a_parked_call_keeps_its_routing_and_options(make_app: Callable[..., Celery]) -> None:
     app = make_app(limit=1)
-    ext = extension_for(app)
+    ext = runtime_for(app)
     app.tasks["proj.work"].delay(1)
     app.tasks["proj.work"].apply_async((2,), priority=3, headers={"x-tenant": "acme"})
-    raw = ext.client.hvals(ext.gate("work").keys[4])[0]
+    raw = ext.client.hvals(ext.group("work").keys["messages"])[0]
     envelope = json.loads(raw)
     assert envelope["q"] == [app.conf.task_default_queue]
     assert envelope["kw"]["headers"]["x-tenant"] == "acme"
@@ -201,14 +202,16 @@ def test_a_cancelled_parked_call_never_runs_and_its_result_says_revoked(
     work = app.tasks["proj.work"]
     first = work.delay(50)
     parked = work.delay(1)
-    assert cancel(parked) is True
-    assert cancel(parked) is False  # no longer parked
-    assert cancel(first) is False  # holds a slot: revoke it with Celery instead
+    assert cancel(parked) == "parked"
+    assert cancel(parked) == ""  # no longer known: it will never run
+    # Granted and already in the broker: its copy is refused when a worker receives it.
+    assert cancel(first) == "granted"
+    third = work.delay(2)  # the cancelled call's room went to the next call
     with threads_worker(app, concurrency=2):
-        assert first.get(timeout=20) == 50
-        assert parked.state == "REVOKED"
+        assert third.get(timeout=20) == 2
+        assert (first.state, parked.state) == ("REVOKED", "REVOKED")
     assert app.probe.value("done") == 1
-    assert extension_for(app).gate("work").held() == 0
+    assert runtime_for(app).group("work").held() == 0
 
 
 def test_a_call_lost_with_its_worker_under_early_ack_is_recorded_as_dropped(
@@ -217,20 +220,20 @@ def test_a_call_lost_with_its_worker_under_early_ack_is_recorded_as_dropped(
     from celery_semaphore import CallDropped
 
     app = make_app(limit=2, semaphore_dropped_after=0.2)
-    ext = extension_for(app)
-    gate = ext.gate("work")
+    ext = runtime_for(app)
+    gate = ext.group("work")
     # Started by a worker that then died: early ack, so the broker will not bring it back.
-    gate.acquire("lost-call", b"", lease_s=0.05)
-    gate.start("lost-call", "deadhost:1", lease_s=0.05)
+    acquire(gate, "lost-call", b"", limit=2, lease_s=0.05)
+    gate.start("lost-call", "deadhost:1")
     # The same with acks_late: the broker redelivers it, so no final state is forced.
-    gate.acquire("coming-back", b"", lease_s=0.05)
-    gate.start("coming-back", "deadhost:2", redeliver=True, lease_s=0.05)
+    acquire(gate, "coming-back", b"", limit=2, lease_s=0.05)
+    gate.start("coming-back", "deadhost:2", redeliver=True)
     wait_for(lambda: gate.client.time()[0] * 1000 > max(gate.holders().values()), 5, "expiry")
-    assert ext.tick()["work"]["timed_out"] == 2
+    assert run_tick(ext)["work"]["timed_out"] == 2
     # Not at once: a stalled worker may still finish it; after the grace it is recorded.
     assert app.AsyncResult("lost-call").state == "PENDING"
     lost = app.AsyncResult("lost-call")
-    wait_for(lambda: ext.tick() is not None and lost.state == "FAILURE", 10, "the drop record")
+    wait_for(lambda: run_tick(ext) is not None and lost.state == "FAILURE", 10, "the drop record")
     assert lost.state == "FAILURE"
     assert isinstance(lost.result, CallDropped)
     assert "deadhost:1" in str(lost.result)
@@ -245,8 +248,8 @@ def test_a_lost_child_of_a_task_a_slot_started_gives_the_slot_back_by_its_header
     from celery_semaphore import signals
 
     app = make_app(limit=1)
-    gate = extension_for(app).gate("work")
-    gate.acquire("polled-1", b"")
+    gate = runtime_for(app).group("work")
+    acquire(gate, "polled-1", b"")
     gate.start("polled-1", "host:1")
     plain = app.tasks["proj.plain"]  # not @gated: its gate is known only from the header
     # What Celery's main process does when it reports WorkerLostError.

@@ -25,9 +25,9 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.result import AsyncResult
 
 from celery_semaphore import CallDropped, RedisUnavailable
-from celery_semaphore.gate import Acquired
+from celery_semaphore.group import Acquired
 
-from .conftest import ROOT, slot_keys, wait_for
+from .conftest import ROOT, acquire, slot_keys, wait_for
 from .faultkit import Cluster, PersistentRedis, Worker, cluster_fixture, peak_overlap  # noqa: F401
 
 #: Seconds beat, the broker and a worker take to send, deliver and run one tick.
@@ -426,7 +426,7 @@ def test_two_beats_at_once_reclaim_and_dispatch_each_call_exactly_once(
     gate = cluster.gate
     # Three holders whose worker died before they started: their leases expire unrenewed.
     for i in range(3):
-        assert gate.acquire(f"dead-{i}", b"", lease_s=2.0)[0] is Acquired.GRANTED
+        assert acquire(gate, f"dead-{i}", b"", limit=3, lease_s=2.0)[0] is Acquired.GRANTED
     results = [call(cluster, "sleep", 150) for _ in range(12)]
     assert gate.parked() == 12
     cluster.beat("beat1")

@@ -21,11 +21,13 @@ from celery_semaphore import (
     ConfigurationError,
     RedisSlot,
     Scheduler,
-    extension_for,
     gated,
+    runtime_for,
 )
+from celery_semaphore.tick import run_tick
+from celery_semaphore.worker import keepalive_interval
 
-from .conftest import ROOT, at_rest, slot_keys, threads_worker, wait_for
+from .conftest import ROOT, slot_keys, threads_worker, wait_for
 
 EXAMPLE = ROOT / "examples" / "db_backend"
 
@@ -132,10 +134,10 @@ def test_an_idle_slot_starts_a_task_and_stop_frees_it_for_the_next(make_schedule
 
 
 def test_a_timed_out_task_gets_timeout_then_stop_callback(make_scheduler, store) -> None:
-    scheduler = make_scheduler([slot(1, "First", timeout=0.2)])
+    scheduler = make_scheduler([slot(1, "First", timeout=1)])
     store.todo = ["slow"]
     scheduler.schedule()
-    gate = scheduler.gate("slots")
+    gate = scheduler.group_of("slots")
     wait_for(
         lambda: (
             gate.client.time()[0] * 1000 + gate.client.time()[1] // 1000 > gate.holders()["slow"]
@@ -197,7 +199,7 @@ def test_two_schedulers_racing_over_the_same_slots_never_double_start(
     def run(scheduler: Scheduler) -> None:
         while not done.is_set():
             scheduler.schedule()
-            running = scheduler.gate("slots").slots()
+            running = scheduler.group_of("slots").slots("slots")
             seen_in_slot.append(running)
             for task_id in running.values():
                 scheduler.stop(task_id)
@@ -225,7 +227,7 @@ def test_two_schedulers_racing_over_the_same_slots_never_double_start(
         ([slot(1, "First"), slot(1, "First")], "duplicate .*slot_id 1"),
         ([{"slot_id": 1, "backends": ["First"]}], "missing 'slot_cls'"),
         ([slot(1, "NoStart")], "NoStart does not override start_callback"),
-        ([slot(1, "First", timeout=0)], "timeout must be a positive number"),
+        ([slot(1, "First", timeout=0)], "timeout must be a finite positive number"),
         ([{**slot(1, "First"), "colour": "red"}], "unknown keys \\['colour'\\]"),
         ([slot(1)], "'backends' must be a non-empty list"),
     ],
@@ -309,10 +311,10 @@ def test_the_celery_example_runs_jobs_on_a_worker_with_beat_filling_three_slots(
     assert slots_client.hlen("{db-example:jobs}:slots") == 0
 
 
-def test_gated_calls_are_one_backend_a_slot_can_poll_after_another(
+def test_a_gate_with_slots_serves_gated_calls_and_polled_backends_from_one_limit(
     make_app: Callable[..., Celery], prefix: str, slots: redis.Redis
 ) -> None:
-    """A semaphore of three slots: one serves gated calls first, two poll a store first."""
+    """A semaphore of three slots is a gate of limit 3: gated calls and polled slots share it."""
     store = Store()
     app = make_app(
         semaphore_slots=[
@@ -322,40 +324,41 @@ def test_gated_calls_are_one_backend_a_slot_can_poll_after_another(
         ],
     )
 
-    @gated("mixed")
+    @gated("mixed", limit=3)
     @app.task(name="proj.mixed", shared=False)
     def mixed(ms: float) -> float:
         time.sleep(ms / 1000)
         return ms
 
-    ext = extension_for(app)
-    ext.scheduler.backend("mixed", "First").context["store"] = store  # type: ignore[union-attr]
-    gate = ext.gate("mixed")
-    assert gate.limit == 1  # one slot serves gated calls first
+    rt = runtime_for(app)
+    rt.scheduler.backend("mixed", "First").context["store"] = store  # type: ignore[union-attr]
+    gate = rt.group("mixed")
     results = [mixed.delay(50) for _ in range(4)]
-    assert (gate.held(), gate.parked()) == (1, 3)
-    # The tick lets the two other slots take parked calls, their second backend.
-    assert ext.tick()["mixed"]["started"] == 2
-    assert (gate.held(), gate.parked()) == (3, 1)
+    assert (gate.used("mixed"), gate.parked()) == (3, 1)
+    store.todo = ["job"]
+    # The gate is full: no slot may poll its backend until a unit frees.
+    assert run_tick(rt)["mixed"]["started"] == 0
     with threads_worker(app, concurrency=6):
         assert [r.get(timeout=20) for r in results] == [50] * 4
-    wait_for(lambda: gate.held() == 0, 10, "every slot to be free")
-    # The tick visited "work" too (its state hash); the mixed gate is back at rest.
-    assert set(at_rest(prefix, "mixed")) <= set(slot_keys(slots, prefix))
-    assert [k for k in slot_keys(slots, prefix) if not k.endswith((":state", ":free"))] == []
-    assert store.events == []
+        wait_for(lambda: ("start", "job") in store.events, 10, "a slot to start the polled job")
+    assert gate.used("mixed") == 1  # the polled job holds its slot until stopped
+    assert rt.scheduler.stop("job") is True
+    assert gate.held() == 0
+    assert [k for k in slot_keys(slots, prefix) if not k.endswith(":state")] == [
+        f"{{{prefix}:mixed}}:ended"  # the backend's id is remembered for the dedupe window
+    ]
 
 
 def test_semaphore_slots_that_clash_with_semaphore_limits_are_refused(
     make_app: Callable[..., Celery],
 ) -> None:
     app = make_app(semaphore_slots=[slot(1, "First", semaphore="work")])
-    with pytest.raises(ConfigurationError, match="semaphore 'work' is sized by"):
-        _ = extension_for(app).scheduler
+    with pytest.raises(ConfigurationError, match="gate 'work' is sized by"):
+        _ = runtime_for(app).scheduler
 
 
 def test_the_keepalive_period_covers_the_shortest_slot_timeout(
     make_app: Callable[..., Celery],
 ) -> None:
     app = make_app(semaphore_lease=30, semaphore_slots=[slot(1, "First", timeout=3)])
-    assert extension_for(app).keepalive_interval() == pytest.approx(1.0)
+    assert keepalive_interval(runtime_for(app)) == pytest.approx(1.0)

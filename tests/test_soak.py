@@ -24,7 +24,7 @@ import redis
 from billiard.exceptions import WorkerLostError
 from celery import states
 
-from celery_semaphore.gate import Gate
+from celery_semaphore.group import Gate
 
 from .conftest import slot_keys, wait_for
 from .faultkit import Cluster, Worker, cluster_fixture, peak_overlap  # noqa: F401

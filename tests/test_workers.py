@@ -9,11 +9,11 @@ import pytest
 import redis
 from celery import Celery
 
-from celery_semaphore import extension_for
-from celery_semaphore.gate import Acquired
+from celery_semaphore import runtime_for
+from celery_semaphore.group import Acquired
 
 from . import proj
-from .conftest import at_rest, slot_keys, threads_worker, wait_for
+from .conftest import acquire, at_rest, slot_keys, threads_worker, wait_for
 from .faultkit import Cluster, cluster_fixture, peak_overlap  # noqa: F401
 
 
@@ -38,7 +38,7 @@ def test_beat_returns_the_slot_of_a_dead_holder_within_lease_plus_tick(cluster: 
     cluster.configure(CS_LIMIT="1", CS_TICK="0.5")
     gate = cluster.gate
     # A holder whose worker died before releasing: a 1 s lease nobody renews.
-    assert gate.acquire("dead-holder", b"", lease_s=1.0)[0] is Acquired.GRANTED
+    assert acquire(gate, "dead-holder", b"", lease_s=1.0)[0] is Acquired.GRANTED
     waiting = cluster.app.tasks["fault.sleep"].delay(5)
     assert gate.parked() == 1
     cluster.worker("w1", concurrency=2)
@@ -92,4 +92,4 @@ def test_calls_from_inside_a_task_are_gated_too(make_app: Callable[..., Celery])
         ids = fan_out.delay(12).get(timeout=20)
         assert [app.AsyncResult(i).get(timeout=30) for i in ids] == [10] * 12
     assert app.probe.value("peak") == 2
-    wait_for(lambda: extension_for(app).gate("work").held() == 0, 5, "slots to be free")
+    wait_for(lambda: runtime_for(app).group("work").held() == 0, 5, "slots to be free")

@@ -19,8 +19,8 @@ class AbstractBackend:
     configurations can name it (``'backends': ['MyBackend']``); a dotted import path works too.
 
     One instance serves every slot of one semaphore; it is built as ``cls(context)``, where
-    ``context`` is the mapping given to the Scheduler plus ``'gate'`` (the
-    :class:`~celery_semaphore.Gate` of the slots) and ``'scheduler'``.
+    ``context`` is the mapping given to the Scheduler plus ``'gate'`` (the semaphore's name),
+    ``'group'`` (the :class:`~celery_semaphore.Group` it lives in) and ``'scheduler'``.
 
     Callbacks run in the scheduler's process (``schedule()``) or in a worker (``stop`` and
     ``keepalive`` from Celery's signals), so they must not rely on process-local state that
@@ -45,7 +45,9 @@ class AbstractBackend:
         """Return the unique id of a task to start, or ``None`` when there is nothing to do.
 
         It must not mark the task as taken: the slot may fail to claim it (another scheduler
-        took the slot first), and then the same task must be returned again later.
+        took the slot first), and then the same task must be returned again later. An id that
+        ran to its end within ``semaphore_dedupe_window`` is never started again, even when
+        two schedulers polled it at once; after that window a backend must not return it.
         """
         raise NotImplementedError(f"{type(self).__name__} must implement poll()")
 

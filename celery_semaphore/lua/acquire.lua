@@ -1,60 +1,92 @@
--- acquire: take a slot for a call if one is free and nobody waits, else park the call.
+-- acquire: a call is sent; grant it the units it needs now, or keep it until it may start.
 -- ARGV[1..3] see common.lua
 -- ARGV[4] call id    the Celery task id
--- ARGV[5] limit      int, slots 1..limit serve gated calls
--- ARGV[6] lease_ms   int, lease of the slot once granted
--- ARGV[7] delay_ms   int, the call's countdown/ETA from now (0 for none); its lease starts then
--- ARGV[8] message    the serialized message, stored only when the call is parked; '' when the
---                    caller expects a free slot (it then saves encoding and sending it)
--- ARGV[9] backup     '1' when a worker refused this call as a second live execution and sends
---                    it as a backup: kept beside the running call, parked only if that one dies
--- Returns {epoch, 1, fence} granted now, {epoch, 0, parked count} parked,
---         {epoch, 2, fence} the call already holds a slot (a retry or re-send): it keeps it,
---         {epoch, 3, 0} the call is already parked,
---         {epoch, 4, fence} backup kept, {epoch, 5, 0} backup dropped (the call already ended),
---         {epoch, 6, 0} the call must park but no message came: nothing written, send it again.
+-- ARGV[5] call       JSON: gates, keys, weights, key_limits, priority, lease_ms, redeliver
+-- ARGV[6] limits     csv, the configured limit per gate (-1: per-key limits only); seeds a
+--                    gate Redis does not know yet, never changes one it knows
+-- ARGV[7] delay_ms   int, the call's countdown/ETA from now (0 for none)
+-- ARGV[8] message    the serialized message; '' when the caller expects room (it then saves
+--                    encoding and sending it)
+-- ARGV[9] flags      'b' a backup (a refused second live execution, kept beside the running
+--                    one), 'r' a re-send by the call's own run (retry, replace), or ''
+-- Returns {epoch, code, n, limits csv, {id, fence, message}...calls handed room meanwhile};
+-- code, n:
+--   1, fence   granted now;            0, parked count   parked (waits for room);
+--   7, 0       waiting for its time;   2, fence          a re-send by its own run keeps its hold;
+--   3, 0       the id is already parked, waiting or held: nothing written (DuplicateCall);
+--   4, fence   kept as a backup;       5, 0              a backup of a call that ended;
+--   6, 0       it must be kept but no message came: nothing written, send it again.
 local id = ARGV[4]
-local limit = gate_limit(ARGV[5])
-local lease_ms = tonumber(ARGV[6])
-local eta_ms = 0
-if tonumber(ARGV[7]) > 0 then eta_ms = NOW + tonumber(ARGV[7]) end
+local call = cjson.decode(ARGV[5])
+local limits = split(ARGV[6], ',')
+local delay_ms = tonumber(ARGV[7])
+local message = ARGV[8]
+local flags = ARGV[9]
+local out = {}
+
+local names = promote()
+for i, name in ipairs(call.gates) do seed(name, limits[i]) end
+local function reply(code, n)
+  pump(names, out)
+  local r = {EPOCH, code, n, limits_of(call.gates)}
+  for _, g in ipairs(out) do r[#r + 1] = g end
+  return r
+end
 
 local rec = load(id)
-if ARGV[9] == '1' then
-  -- The running execution may be dead (a killed child whose message came back) or alive (a
-  -- visibility-timeout copy): keep this copy until the first one releases (then it is
+if rec == false then
+  forget(id, rec)
+  rec = nil
+end
+if flags == 'b' then
+  -- The running execution may be alive (a visibility-timeout copy) or dead (a killed child
+  -- whose message came back): keep this copy until the first one releases (then it is
   -- dropped) or its lease expires (then reclaim parks it, and the call runs again).
-  if rec and rec.s == 'r' then
-    rec.d = 1
+  if rec and rec.state == 'running' then
+    rec.seen_twice = true
     save(id, rec)
-    redis.call('HSET', K_CALLS, id, ARGV[8])
-    return {EPOCH, 4, rec.f}
+    redis.call('HSET', K_MESSAGES, id, message)
+    return reply(4, rec.fence)
   end
-  if rec or redis.call('ZSCORE', K_ENDED, id) then return {EPOCH, 5, 0} end
+  if rec or redis.call('ZSCORE', K_ENDED, id) then return reply(5, 0) end
 end
 if rec then
-  if rec.s == 'p' then return {EPOCH, 3, 0} end
-  -- A holder sending itself again is a retry: it keeps its slot through the countdown, and
-  -- its next start is a legitimate one, not a duplicate.
-  rec.s = 'g'
-  rec.e = eta_ms
-  rec.l = lease_ms
-  save(id, rec)
-  local start = NOW
-  if eta_ms > NOW then start = eta_ms end
-  redis.call('ZADD', K_HOLDERS, 'GT', start + lease_ms, id)
-  return {EPOCH, 2, rec.f}
+  if flags == 'r' and (rec.state == 'running' or rec.state == 'granted') then
+    -- A retry or a replacement keeps its hold through the countdown; its next start is a
+    -- legitimate one, not a duplicate.
+    rec.state = 'granted'
+    rec.ready_ms = 0
+    if delay_ms > 0 then rec.ready_ms = NOW + delay_ms end
+    rec.lease_ms = call.lease_ms
+    save(id, rec)
+    redis.call('ZADD', K_HOLDERS, 'GT', math.max(NOW, rec.ready_ms) + rec.lease_ms, id)
+    return reply(2, rec.fence)
+  end
+  return reply(3, 0)
 end
 
-local record = {l = lease_ms, e = eta_ms, x = 0}
-if redis.call('ZCARD', K_QUEUE) == 0 then
-  local slot = admit(limit)
-  if slot then return {EPOCH, 1, grant(id, record, 'g', slot)} end
+rec = call
+rec.dispatches = 0
+if delay_ms > 0 then
+  if message == '' then return reply(6, 0) end
+  rec.state = 'waiting'
+  rec.ready_ms = NOW + delay_ms
+  save(id, rec)
+  redis.call('ZADD', K_DELAYED, rec.ready_ms, id)
+  redis.call('HSET', K_MESSAGES, id, message)
+  return reply(7, 0)
 end
-if ARGV[8] == '' then return {EPOCH, 6, 0} end
-record.q = redis.call('HINCRBY', K_STATE, 'seq', 1)
-record.s = 'p'
-save(id, record)
-redis.call('ZADD', K_QUEUE, record.q, id)
-redis.call('HSET', K_CALLS, id, ARGV[8])
-return {EPOCH, 0, redis.call('ZCARD', K_QUEUE)}
+local lane = lane_of(rec)
+local verdict, g, key = 'lane', nil, nil
+if redis.call('HEXISTS', K_LANES, lane) == 0 then
+  verdict, g, key = fits(rec, nil, nil)
+  if verdict == 'ok' then return reply(1, grant(id, rec, 'granted')) end
+end
+if message == '' then return reply(6, 0) end
+redis.call('HSET', K_MESSAGES, id, message)
+if verdict == 'gate' or verdict == 'key' then
+  park(id, rec, verdict, g, key)
+else
+  park(id, rec, 'gate', gate(rec.gates[1]))
+end
+return reply(0, redis.call('ZCARD', K_QUEUE))

@@ -1,25 +1,23 @@
 -- claim: a scheduler's idle slot takes a call a backend handed it.
 -- ARGV[1..3] see common.lua
--- ARGV[4] slot       the slot number
--- ARGV[5] call id    the id the backend's poll() returned
--- ARGV[6] lease_ms   int, the slot's timeout
--- ARGV[7] backend    the backend's name, recorded for its callbacks
--- Returns {epoch, code, fence, message}; code:
---   1 claimed (message is the parked message when the call was a parked gated call, else '');
---   9 the slot is busy; 10 the call already holds a slot of this gate; 11 recovering.
-local slot, id = ARGV[4], ARGV[5]
-if redis.call('HEXISTS', K_SLOTS, slot) == 1 then return {EPOCH, 9, 0, ''} end
-if recovering() then return {EPOCH, 11, 0, ''} end
+-- ARGV[4] gate       the gate the slots belong to
+-- ARGV[5] slot       the slot number
+-- ARGV[6] call id    the id the backend's poll() returned
+-- ARGV[7] lease_ms   int, the slot's timeout
+-- ARGV[8] backend    the backend's name, recorded for its callbacks
+-- ARGV[9] limit      int, the gate's configured size (seeds it)
+-- Returns {epoch, code, fence}; code: 1 claimed; 9 the slot is busy or the gate is full;
+-- 10 the call already holds this group's units; 11 recovering; 12 the call ended recently
+-- (a backend's poll returned an id that already ran).
+local name, slot, id = ARGV[4], ARGV[5], ARGV[6]
+seed(name, ARGV[9])
+if redis.call('HEXISTS', K_SLOTS, name .. ':' .. slot) == 1 then return {EPOCH, 9, 0} end
+if recovering() then return {EPOCH, 11, 0} end
+if redis.call('ZSCORE', K_ENDED, id) then return {EPOCH, 12, 0} end
 local rec = load(id)
-if rec and rec.s ~= 'p' then return {EPOCH, 10, rec.f, ''} end
-local message = ''
-if rec and rec.s == 'p' then
-  redis.call('ZREM', K_QUEUE, id)
-  message = redis.call('HGET', K_CALLS, id) or ''
-else
-  rec = {e = 0, x = 0}
-end
-rec.l = tonumber(ARGV[6])
-rec.b = ARGV[7]
-redis.call('ZREM', K_FREE, slot)
-return {EPOCH, 1, grant(id, rec, 'g', slot), message}
+if rec then return {EPOCH, 10, rec.fence or 0} end
+rec = {gates = {name}, keys = {''}, weights = {1}, key_limits = {0}, priority = 0,
+  lease_ms = tonumber(ARGV[7]), dispatches = 0, backend = ARGV[8], slot = slot}
+if fits(rec, nil, nil) ~= 'ok' then return {EPOCH, 9, 0} end
+redis.call('HSET', K_SLOTS, name .. ':' .. slot, id)
+return {EPOCH, 1, grant(id, rec, 'granted')}

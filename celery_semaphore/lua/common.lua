@@ -1,37 +1,61 @@
 -- common: helpers prepended to every script by scripts.py (Lua has no include in Redis).
 --
--- Key schema of one semaphore G; every key shares the hash tag {prefix:G} (Redis Cluster):
---   KEYS[1] {prefix:G}:state    hash  epoch -> when this data set began (ms), fence -> last fencing
---                                     number, seq -> last park sequence, limit -> optional
---                                     override (resize), recover_until -> end of a recovery (ms)
---   KEYS[2] {prefix:G}:holders  zset  call id -> lease deadline (ms, Redis TIME)
---   KEYS[3] {prefix:G}:meta     hash  call id -> JSON record of a parked or holding call:
---                                     s state (p parked, g granted, r running), f fence, n slot,
---                                     b backend, l lease ms, q park order, e eta ms, w runner,
---                                     x times parked again, d seen twice
---   KEYS[4] {prefix:G}:queue    zset  parked call id -> park order
---   KEYS[5] {prefix:G}:calls    hash  call id -> message to publish (opaque to Lua); kept for a
---                                     parked call and for a handed-off call until it starts
---   KEYS[6] {prefix:G}:slots    hash  slot number -> call id holding it
---   KEYS[7] {prefix:G}:ended    zset  call id -> end time (ms) of calls that were delivered more
---                                     than once, kept for a window so a late copy is refused
---   KEYS[8] {prefix:G}:aside    hash  call id -> a parked entry that could not be published
---                                     (unreadable record or message), kept for an operator
---   KEYS[9] {prefix:G}:suspect  zset  "id runner" -> when the lease of a running call expired
---                                     with no redelivery coming; due ones are reported dropped
---   KEYS[10] {prefix:G}:free    zset  free slot numbers among 1..limit (score = number), so a
---                                     grant pops the lowest at O(log n); rebuilt when the limit
---                                     it was built for (state field free_for) changes
--- Every script takes ARGV[1] now_ms ('' for Redis TIME), ARGV[2] the epoch the client saw last
--- ('' if none), ARGV[3] recovery ms (the longest lease); its own arguments follow. Every reply
--- starts with the current epoch.
+-- Key schema of one gate group G (one hash tag {prefix:G}: every gate of the group lives on
+-- one Redis Cluster slot, so stacked gates are one atomic step):
+--   KEYS[1]  {prefix:G}:state     hash  epoch, fence, seq, turn, gate_count, gates (csv),
+--                                       recover_until, lost:<epoch>; per gate <gate>:limit
+--                                       (-1 = per-key limits only), <gate>:used (units held),
+--                                       <gate>:index (its band, 0..255)
+--   KEYS[2]  {prefix:G}:calls     hash  call id -> JSON record (see below)
+--   KEYS[3]  {prefix:G}:messages  hash  call id -> serialized message (opaque to Lua), kept
+--                                       while a call waits and until a handed-off call starts
+--   KEYS[4]  {prefix:G}:holders   zset  call id -> lease deadline (ms, Redis TIME)
+--   KEYS[5]  {prefix:G}:queue     zset  every parked call, score 0, member
+--                                       "<lane>\31<seq, 16 digits>\31<id>": a lane's calls
+--                                       in order by ZRANGEBYLEX
+--   KEYS[6]  {prefix:G}:lanes     hash  lane -> JSON {priority, turn, wait, gate, member}
+--   KEYS[7]  {prefix:G}:bands     zset  lane -> index(gate) * 2^45 + (255 - priority) * 2^37
+--                                       + turn: lanes waiting for capacity of a gate, best first
+--   KEYS[8]  {prefix:G}:blocked   zset  score 0, "<gate>\31<key>\31<lane>": lanes waiting
+--                                       for room under a per-key limit
+--   KEYS[9]  {prefix:G}:delayed   zset  call id -> when it may compete (countdown, ETA, retry
+--                                       of a call that never started)
+--   KEYS[10] {prefix:G}:usage     hash  "<gate>\31<key>" -> units the key holds (no field at 0)
+--   KEYS[11] {prefix:G}:ended     zset  call id -> end time (ms): calls that must not start
+--                                       again (seen twice, cancelled, started by a backend);
+--                                       expires after the dedupe window
+--   KEYS[12] {prefix:G}:suspect   zset  "id runner" -> when a lease expired with no
+--                                       redelivery coming; due ones are reported dropped
+--   KEYS[13] {prefix:G}:aside     hash  call id -> an entry that could not be read
+--   KEYS[14] {prefix:G}:slots     hash  "<gate>:<n>" -> call id in scheduler slot n
+--
+-- A lane is "<gates csv>\31<priority, 3 digits>\31<key per gate, \31-joined>": the calls
+-- that need the same gates and keys at the same priority, first in first out. A lane waits
+-- in exactly one place: the band of a gate without room for its head, or the blocked set
+-- of a full key. Invariant after every script: no gate has room for the best head of its
+-- band (the head of the line holds the gate's free units, so heavy calls are not starved),
+-- and no key of a blocked lane has room.
+--
+-- A call record: state (waiting, parked, granted, running), gates, keys, weights,
+-- key_limits, priority, lease_ms, fence, lane, seq, ready_ms, runner, redeliver,
+-- dispatches (times handed capacity without starting), seen_twice, backend, slot.
+--
+-- Every script takes ARGV[1] now_ms ('' for Redis TIME), ARGV[2] the epoch the client saw
+-- last ('' if none), ARGV[3] recovery ms (the longest lease); its own arguments follow.
+-- Every reply starts with the current epoch.
 if redis.replicate_commands then redis.replicate_commands() end
 
-local K_STATE, K_HOLDERS, K_META, K_QUEUE = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local K_CALLS, K_SLOTS, K_ENDED, K_ASIDE, K_SUSPECT = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
-local K_FREE = KEYS[10]
+local K_STATE, K_CALLS, K_MESSAGES, K_HOLDERS = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local K_QUEUE, K_LANES, K_BANDS, K_BLOCKED = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local K_DELAYED, K_USAGE, K_ENDED, K_SUSPECT = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
+local K_ASIDE, K_SLOTS = KEYS[13], KEYS[14]
 
--- One clock for every host: Redis TIME, unless a test passes an explicit time.
+local SEP = string.char(31)
+local BAND = 35184372088832 -- 2^45: one band per gate
+local PRIORITY = 137438953472 -- 2^37: turns per priority
+local PROMOTE_BATCH = 100
+local MAX_GRANTS = 1000 -- per script; the tick carries on where one stopped
+
 local function clock(arg)
   if arg ~= nil and arg ~= '' then return tonumber(arg) end
   local t = redis.call('TIME')
@@ -40,13 +64,12 @@ end
 
 local NOW = clock(ARGV[1])
 
--- The state fields every script needs, read in one command.
-local STATE = redis.call('HMGET', K_STATE, 'epoch', 'recover_until', 'limit', 'free_for')
-local EPOCH, RECOVER_UNTIL, LIMIT_OVERRIDE, FREE_FOR = STATE[1], STATE[2], STATE[3], STATE[4]
+local STATE = redis.call('HMGET', K_STATE, 'epoch', 'recover_until')
+local EPOCH, RECOVER_UNTIL = STATE[1], STATE[2]
 
--- A client that saw another epoch (or none where it expected one) means the data set was
--- lost (restart without persistence, flush): slots held by calls still running are unknown,
--- so the gate admits nothing new until they re-register or the longest lease has passed.
+-- A client that saw another epoch means the data set was lost (restart without persistence,
+-- flush): units held by calls still running are unknown, so the group admits nothing new
+-- until they re-register through their keepalive or the longest lease has passed.
 if not EPOCH then
   EPOCH = tostring(NOW)
   redis.call('HSET', K_STATE, 'epoch', EPOCH)
@@ -64,107 +87,355 @@ local function recovering()
   return false
 end
 
--- An operator's override (resize) wins over the limit the caller was configured with.
-local function gate_limit(configured)
-  if LIMIT_OVERRIDE then return tonumber(LIMIT_OVERRIDE) end
-  return tonumber(configured)
-end
-
--- The free-slot set serves slots 1..limit; built once per limit (and after lost data).
-local function ensure_free(limit)
-  if FREE_FOR == tostring(limit) then return end
-  redis.call('DEL', K_FREE)
-  for i = 1, limit do
-    if redis.call('HEXISTS', K_SLOTS, i) == 0 then redis.call('ZADD', K_FREE, i, i) end
+local function split(s, sep)
+  local out = {}
+  if s == nil or s == '' then return out end
+  local from = 1
+  while true do
+    local at = string.find(s, sep, from, true)
+    if not at then
+      out[#out + 1] = string.sub(s, from)
+      return out
+    end
+    out[#out + 1] = string.sub(s, from, at - 1)
+    from = at + #sep
   end
-  FREE_FOR = tostring(limit)
-  redis.call('HSET', K_STATE, 'free_for', FREE_FOR)
 end
 
-local function has_free(limit)
-  ensure_free(limit)
-  return redis.call('ZCARD', K_FREE) > 0
+-- Gate state, read once per script.
+local GATES = {}
+local function gate(name)
+  local g = GATES[name]
+  if g then return g end
+  local v = redis.call('HMGET', K_STATE, name .. ':limit', name .. ':used', name .. ':index')
+  g = {name = name, limit = tonumber(v[1]), used = tonumber(v[2]) or 0, index = tonumber(v[3])}
+  GATES[name] = g
+  return g
 end
 
--- Take the lowest free slot among 1..limit, or nil.
-local function take_slot(limit)
-  ensure_free(limit)
-  local popped = redis.call('ZPOPMIN', K_FREE)
-  if #popped == 0 then return nil end
-  return popped[1]
+-- Make a gate known: its limit is seeded by the first client that names it (the configured
+-- one); afterwards only resize changes it. Returns the limit in force.
+local function seed(name, limit)
+  local g = gate(name)
+  if not g.index then
+    g.index = redis.call('HINCRBY', K_STATE, 'gate_count', 1) - 1
+    redis.call('HSET', K_STATE, name .. ':index', g.index)
+    local known = redis.call('HGET', K_STATE, 'gates')
+    if known then known = known .. ',' .. name else known = name end
+    redis.call('HSET', K_STATE, 'gates', known)
+  end
+  if not g.limit then
+    g.limit = tonumber(limit)
+    redis.call('HSET', K_STATE, name .. ':limit', g.limit)
+  end
+  return g.limit
 end
 
--- A slot a new call may take now: none while recovering from lost data.
-local function admit(limit)
-  if recovering() then return nil end
-  return take_slot(limit)
-end
-
--- Give slot n back (to the free set when it is one of 1..limit).
-local function unslot(n)
-  redis.call('HDEL', K_SLOTS, n)
-  if FREE_FOR and tonumber(n) <= tonumber(FREE_FOR) then redis.call('ZADD', K_FREE, n, n) end
+local function room(g)
+  if g.limit == nil then return 0 end
+  if g.limit < 0 then return math.huge end
+  return g.limit - g.used
 end
 
 local function load(id)
-  local raw = redis.call('HGET', K_META, id)
+  local raw = redis.call('HGET', K_CALLS, id)
   if not raw then return nil end
   local ok, rec = pcall(cjson.decode, raw)
-  if not ok or type(rec) ~= 'table' then return false end
+  if not ok or type(rec) ~= 'table' or type(rec.gates) ~= 'table' then return false end
   return rec
 end
 
 local function save(id, rec)
-  redis.call('HSET', K_META, id, cjson.encode(rec))
+  redis.call('HSET', K_CALLS, id, cjson.encode(rec))
+end
+
+local function lane_of(rec)
+  local keys = {}
+  for i = 1, #rec.gates do keys[i] = rec.keys[i] or '' end
+  return table.concat(rec.gates, ',') .. SEP .. string.format('%03d', rec.priority) .. SEP ..
+    table.concat(keys, SEP)
+end
+
+local function score_of(priority, turn)
+  return (255 - priority) * PRIORITY + turn
+end
+
+local function member_of(rec, id)
+  return rec.lane .. SEP .. string.format('%016d', rec.seq) .. SEP .. id
+end
+
+local function lane_head(lane)
+  local m = redis.call('ZRANGEBYLEX', K_QUEUE, '[' .. lane .. SEP, '[' .. lane .. SEP .. '\255',
+    'LIMIT', 0, 1)[1]
+  if not m then return nil end
+  return string.sub(m, #lane + 19), m
+end
+
+local function load_lane(lane)
+  local raw = redis.call('HGET', K_LANES, lane)
+  if not raw then return nil end
+  return cjson.decode(raw)
+end
+
+local function save_lane(lane, L)
+  redis.call('HSET', K_LANES, lane, cjson.encode(L))
+end
+
+-- Take a lane out of the place it waits in.
+local function unwait(lane, L)
+  if L.wait == 'band' then
+    redis.call('ZREM', K_BANDS, lane)
+  elseif L.wait == 'key' then
+    redis.call('ZREM', K_BLOCKED, L.member)
+  end
+  L.wait, L.gate, L.member = nil, nil, nil
+end
+
+local function wait_in_band(lane, L, g)
+  unwait(lane, L)
+  L.wait, L.gate = 'band', g.name
+  redis.call('ZADD', K_BANDS, g.index * BAND + score_of(L.priority, L.turn), lane)
+  save_lane(lane, L)
+end
+
+local function wait_for_key(lane, L, gname, key)
+  unwait(lane, L)
+  L.wait, L.member = 'key', gname .. SEP .. key .. SEP .. lane
+  redis.call('ZADD', K_BLOCKED, 0, L.member)
+  save_lane(lane, L)
+end
+
+-- Whether a call fits now. `score` is its lane's place (nil: behind every waiting lane);
+-- a better lane waiting in a gate's band keeps that gate's units (head of the line).
+-- Returns 'ok', or 'gate', gate, or 'key', gate, key, or 'recover'.
+local function fits(rec, lane, score)
+  if recovering() then return 'recover' end
+  for i, name in ipairs(rec.gates) do
+    local g = gate(name)
+    if room(g) < rec.weights[i] then return 'gate', g end
+    local lo = g.index * BAND
+    local best = redis.call('ZRANGEBYSCORE', K_BANDS, lo, '(' .. (lo + BAND), 'WITHSCORES',
+      'LIMIT', 0, 1)
+    if best[1] and best[1] ~= lane and (score == nil or tonumber(best[2]) - lo < score) then
+      return 'gate', g
+    end
+  end
+  for i, name in ipairs(rec.gates) do
+    local key, cap = rec.keys[i] or '', tonumber(rec.key_limits[i]) or 0
+    if key ~= '' and cap > 0 then
+      local used = tonumber(redis.call('HGET', K_USAGE, name .. SEP .. key)) or 0
+      if used + rec.weights[i] > cap then return 'key', gate(name), key end
+    end
+  end
+  return 'ok'
+end
+
+-- Take the call's units of every gate and key; fences grow per group, so per gate too.
+local function grant(id, rec, state)
+  for i, name in ipairs(rec.gates) do
+    local g = gate(name)
+    g.used = g.used + rec.weights[i]
+    redis.call('HSET', K_STATE, name .. ':used', g.used)
+    local key = rec.keys[i] or ''
+    if key ~= '' then redis.call('HINCRBY', K_USAGE, name .. SEP .. key, rec.weights[i]) end
+  end
+  rec.fence = redis.call('HINCRBY', K_STATE, 'fence', 1)
+  rec.state = state
+  local start = NOW
+  if rec.ready_ms and rec.ready_ms > NOW then start = rec.ready_ms end
+  redis.call('ZADD', K_HOLDERS, start + rec.lease_ms, id)
+  save(id, rec)
+  return rec.fence
+end
+
+-- Give the call's units back; returns the gates and keys that gained room.
+local function ungrant(id, rec, freed)
+  for i, name in ipairs(rec.gates) do
+    local g = gate(name)
+    g.used = math.max(0, g.used - rec.weights[i])
+    redis.call('HSET', K_STATE, name .. ':used', g.used)
+    local key = rec.keys[i] or ''
+    if key ~= '' then
+      local field = name .. SEP .. key
+      if redis.call('HINCRBY', K_USAGE, field, -rec.weights[i]) <= 0 then
+        redis.call('HDEL', K_USAGE, field)
+      end
+      freed.keys[#freed.keys + 1] = {name, key}
+    end
+    freed.gates[#freed.gates + 1] = name
+  end
+  if rec.slot then
+    local field = rec.gates[1] .. ':' .. rec.slot
+    if redis.call('HGET', K_SLOTS, field) == id then redis.call('HDEL', K_SLOTS, field) end
+  end
+end
+
+-- Remove a parked call from its lane; the lane goes when it is empty.
+local function unpark(id, rec)
+  redis.call('ZREM', K_QUEUE, member_of(rec, id))
+  if not lane_head(rec.lane) then
+    local L = load_lane(rec.lane)
+    if L then unwait(rec.lane, L) end
+    redis.call('HDEL', K_LANES, rec.lane)
+  end
+end
+
+-- Append a call to its lane; a new lane waits where `verdict` says (default: its first gate).
+local function park(id, rec, verdict, g, key)
+  rec.lane = lane_of(rec)
+  rec.seq = rec.seq or redis.call('HINCRBY', K_STATE, 'seq', 1)
+  rec.state = 'parked'
+  save(id, rec)
+  redis.call('ZADD', K_QUEUE, 0, member_of(rec, id))
+  local L = load_lane(rec.lane)
+  if L then return nil end
+  L = {priority = rec.priority, turn = redis.call('HINCRBY', K_STATE, 'turn', 1)}
+  if verdict == 'key' then
+    wait_for_key(rec.lane, L, g.name, key)
+    return nil
+  end
+  g = g or gate(rec.gates[1])
+  wait_in_band(rec.lane, L, g)
+  return g.name
 end
 
 local function forget(id, rec)
-  if rec and rec.n then
-    if redis.call('HGET', K_SLOTS, rec.n) == id then unslot(rec.n) end
-  elseif rec == false then
-    -- An unreadable record does not say its slot: look for it.
-    local all = redis.call('HGETALL', K_SLOTS)
-    for i = 1, #all, 2 do
-      if all[i + 1] == id then unslot(all[i]) end
-    end
-  end
+  if rec and rec.state == 'parked' and rec.lane then unpark(id, rec) end
   redis.call('ZREM', K_HOLDERS, id)
-  redis.call('ZREM', K_QUEUE, id)
-  redis.call('HDEL', K_META, id)
+  redis.call('ZREM', K_DELAYED, id)
   redis.call('HDEL', K_CALLS, id)
+  redis.call('HDEL', K_MESSAGES, id)
 end
 
--- Make rec the holder of slot, with a fencing number that only grows per gate.
-local function grant(id, rec, state, slot)
-  rec.f = redis.call('HINCRBY', K_STATE, 'fence', 1)
-  rec.s = state
-  rec.n = slot
-  redis.call('HSET', K_SLOTS, slot, id)
-  local start = NOW
-  if rec.e and rec.e > NOW then start = rec.e end
-  redis.call('ZADD', K_HOLDERS, start + rec.l, id)
-  save(id, rec)
-  return rec.f
+local function tombstone(id, window_ms)
+  -- Pruned here, where it grows; the TTL ends an idle set.
+  redis.call('ZREMRANGEBYSCORE', K_ENDED, '-inf', NOW - window_ms)
+  redis.call('ZADD', K_ENDED, NOW, id)
+  redis.call('PEXPIRE', K_ENDED, window_ms)
 end
 
--- Hand free slots (1..limit) to parked calls in queue order; append {id, fence, message} per
--- grant. A parked entry without a readable record or message cannot be published: it is moved
--- aside (KEYS[8]) and returned as {id, -1, raw} for the caller to log.
-local function handoff(limit, out)
+local function set_aside(id, out)
+  local raw = (redis.call('HGET', K_CALLS, id) or '') .. ' ' .. (redis.call('HGET', K_MESSAGES, id) or '')
+  redis.call('HSET', K_ASIDE, id, raw)
+  out[#out + 1] = {id, -1, raw}
+end
+
+-- Serve the best lane of a gate's band once: grant its head, or move the lane where it
+-- must wait. Returns false when the gate itself has no room for it (head of the line).
+local function serve(g, lane, out)
+  local L = load_lane(lane)
+  local id, m = lane_head(lane)
+  if not L or not id then
+    redis.call('ZREM', K_BANDS, lane)
+    redis.call('HDEL', K_LANES, lane)
+    return true
+  end
+  local rec = load(id)
+  local message = redis.call('HGET', K_MESSAGES, id)
+  if not rec or not message or rec.state ~= 'parked' then
+    redis.call('ZREM', K_QUEUE, m)
+    if rec then rec.state = 'aside' end
+    set_aside(id, out)
+    redis.call('HDEL', K_CALLS, id)
+    redis.call('HDEL', K_MESSAGES, id)
+    return true
+  end
+  local score = score_of(L.priority, L.turn)
+  local verdict, h, key = fits(rec, lane, score)
+  if verdict == 'recover' then return false end
+  if verdict == 'gate' then
+    if h.name == g.name then return false end
+    wait_in_band(lane, L, h)
+    return true
+  end
+  if verdict == 'key' then
+    wait_for_key(lane, L, h.name, key)
+    return true
+  end
+  redis.call('ZREM', K_QUEUE, m)
+  rec.lane, rec.seq, rec.ready_ms = nil, nil, 0
+  out[#out + 1] = {id, grant(id, rec, 'granted'), message}
+  if lane_head(lane) then
+    -- Round robin: a served lane goes behind the other lanes of its priority.
+    L.turn = redis.call('HINCRBY', K_STATE, 'turn', 1)
+    wait_in_band(lane, L, g)
+  else
+    unwait(lane, L)
+    redis.call('HDEL', K_LANES, lane)
+  end
+  return true
+end
+
+-- Hand room of the given gates to the lanes waiting for it, best first.
+local function pump(names, out)
   if recovering() then return out end
-  while redis.call('ZCARD', K_QUEUE) > 0 and has_free(limit) do
-    local id = redis.call('ZRANGE', K_QUEUE, 0, 0)[1]
-    local rec = load(id)
-    local message = redis.call('HGET', K_CALLS, id)
-    if not rec or not message then
-      local raw = (redis.call('HGET', K_META, id) or '') .. ' ' .. (message or '')
-      forget(id, rec)
-      redis.call('HSET', K_ASIDE, id, raw)
-      out[#out + 1] = {id, -1, raw}
-    else
-      redis.call('ZREM', K_QUEUE, id)
-      out[#out + 1] = {id, grant(id, rec, 'g', take_slot(limit)), message}
+  local seen = {}
+  for _, name in ipairs(names) do
+    local g = gate(name)
+    if not seen[name] and g.index then
+      seen[name] = true
+      local lo = g.index * BAND
+      while #out < MAX_GRANTS do
+        local best = redis.call('ZRANGEBYSCORE', K_BANDS, lo, '(' .. (lo + BAND), 'LIMIT', 0, 1)[1]
+        if not best or not serve(g, best, out) then break end
+      end
     end
   end
   return out
+end
+
+-- Lanes blocked on keys that gained room go back to the band of that gate.
+local function wake(freed)
+  for _, pair in ipairs(freed.keys) do
+    local prefix = pair[1] .. SEP .. pair[2] .. SEP
+    local members = redis.call('ZRANGEBYLEX', K_BLOCKED, '[' .. prefix, '[' .. prefix .. '\255')
+    for _, m in ipairs(members) do
+      local lane = string.sub(m, #prefix + 1)
+      local L = load_lane(lane)
+      redis.call('ZREM', K_BLOCKED, m)
+      if L then
+        L.wait = nil
+        wait_in_band(lane, L, gate(pair[1]))
+      end
+    end
+  end
+  return freed.gates
+end
+
+-- Calls whose start time has come join the end of their lane. Returns gates to pump.
+local function promote()
+  local names = {}
+  local due = redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', NOW, 'LIMIT', 0, PROMOTE_BATCH)
+  for _, id in ipairs(due) do
+    redis.call('ZREM', K_DELAYED, id)
+    local rec = load(id)
+    if rec and rec.state == 'waiting' then
+      rec.ready_ms = 0
+      rec.seq = nil
+      local name = park(id, rec)
+      if name then names[#names + 1] = name end
+      names[#names + 1] = rec.gates[1]
+    elseif rec == false then
+      local out = {}
+      set_aside(id, out)
+      redis.call('HDEL', K_CALLS, id)
+      redis.call('HDEL', K_MESSAGES, id)
+    end
+  end
+  return names
+end
+
+local function concat(a, b)
+  for _, v in ipairs(b) do a[#a + 1] = v end
+  return a
+end
+
+local function all_gates()
+  return split(redis.call('HGET', K_STATE, 'gates') or '', ',')
+end
+
+local function limits_of(names)
+  local out = {}
+  for i, name in ipairs(names) do out[i] = tostring(gate(name).limit or '') end
+  return table.concat(out, ',')
 end

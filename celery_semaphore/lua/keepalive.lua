@@ -1,28 +1,33 @@
--- keepalive: renew the leases of calls that are still running or waiting to run.
+-- keepalive: renew the leases of calls that are still running or about to run.
 -- ARGV[1..3] see common.lua
--- ARGV[4] limit      int
--- ARGV[5] lease_ms   int, lease of a call that re-registers
--- ARGV[6..] call ids
--- Returns {epoch, {id...}, {id, backend...}}: the ids that hold no slot any more (their lease
--- was lost), then each renewed id started by a scheduler backend with that backend's name.
--- While the gate recovers from lost data, a running call it does not know re-registers and
--- takes a free slot again, so the gate counts it before admitting anyone new.
-local limit = gate_limit(ARGV[4])
+-- ARGV[4] lease_ms   int, lease of a call that re-registers
+-- ARGV[5..] pairs of call id and its gates (csv)
+-- Returns {epoch, {id...}, {id, backend...}}: the ids that hold nothing any more, then each
+-- renewed id started by a scheduler backend with that backend's name.
+-- While the group recovers from lost data, a running call it does not know re-registers
+-- (one unit of each of its gates), so the group counts it before admitting anyone new.
 local lost, kept = {}, {}
 local reregister = recovering()
-for i = 6, #ARGV do
+for i = 5, #ARGV, 2 do
   local id = ARGV[i]
   local rec = load(id)
-  if rec and rec.s ~= 'p' then
+  if rec and (rec.state == 'granted' or rec.state == 'running') then
     local start = NOW
-    if rec.e and rec.e > NOW then start = rec.e end
-    redis.call('ZADD', K_HOLDERS, 'GT', start + rec.l, id)
-    if rec.b then
+    if rec.ready_ms and rec.ready_ms > NOW then start = rec.ready_ms end
+    redis.call('ZADD', K_HOLDERS, 'GT', start + rec.lease_ms, id)
+    if rec.backend then
       kept[#kept + 1] = id
-      kept[#kept + 1] = rec.b
+      kept[#kept + 1] = rec.backend
     end
-  elseif rec == nil and reregister and has_free(limit) then
-    grant(id, {l = tonumber(ARGV[5]), e = 0, x = 1, w = 'keepalive'}, 'r', take_slot(limit))
+  elseif rec == nil and reregister then
+    local gates = split(ARGV[i + 1], ',')
+    local weights, keys, key_limits = {}, {}, {}
+    for j = 1, #gates do
+      weights[j], keys[j], key_limits[j] = 1, '', 0
+    end
+    grant(id, {gates = gates, weights = weights, keys = keys, key_limits = key_limits,
+      priority = 0, lease_ms = tonumber(ARGV[4]), dispatches = 1, runner = 'keepalive'},
+      'running')
   else
     lost[#lost + 1] = id
   end

@@ -1,46 +1,82 @@
--- reclaim: take back slots whose lease expired, then hand free slots to parked calls.
+-- reclaim (the tick): take back expired leases, start calls whose time has come, and hand
+-- room to waiting calls of every gate of the group.
 -- ARGV[1..3] see common.lua
--- ARGV[4] limit      int
--- ARGV[5] batch      int, most leases reclaimed in one call
--- ARGV[6] grace_ms   int, how long after its lease expired a running call with no redelivery
---                    coming is reported as dropped (unless its result arrived meanwhile)
--- Returns {epoch, {{id, state, runner, fence, backend, slot, redeliver}...},
---         {{id, fence, message}...}, {"id runner"...}}: reclaimed leases (redeliver is 1 when
--- the broker will bring the call back), handed-off calls, and calls now reported dropped.
--- A call whose message is still stored is parked again instead of dropped, so an accepted call
--- is not lost: a handed-off call that never started (its publisher may have died) goes back to
--- its old place; a running call that died while a backup copy waited goes to the head.
-local expired = redis.call('ZRANGEBYSCORE', K_HOLDERS, '-inf', NOW, 'LIMIT', 0, tonumber(ARGV[5]))
-local reclaimed = {}
+-- ARGV[4] batch          int, most leases reclaimed in one call
+-- ARGV[5] grace_ms       int, how long after its lease expired a call with no redelivery
+--                        coming is reported as dropped (unless its result arrived meanwhile)
+-- ARGV[6] max_dispatches int, how many times a call may be handed room without starting
+--                        before it is given up
+-- ARGV[7] backoff_ms     int, how long such a call waits (times its dispatches) before it
+--                        competes again, behind the calls that waited meanwhile
+-- ARGV[8] window_ms      int, how long a given-up call is remembered (a late copy is refused)
+-- Returns {epoch, {{id, state, runner, fence, backend, slot, redeliver, dispatches, message}...},
+--          {{id, fence, message}...}, {"id runner"...}}: reclaimed leases (state is the
+-- call's state then, or 'waiting' when it will be sent again, or 'abandoned'), handed-off
+-- calls, and calls now reported dropped (message: an abandoned call's, else '').
+local expired = redis.call('ZRANGEBYSCORE', K_HOLDERS, '-inf', NOW, 'LIMIT', 0, tonumber(ARGV[4]))
+local grace_ms, max_dispatches = tonumber(ARGV[5]), tonumber(ARGV[6])
+local reclaimed, out = {}, {}
+local freed = {gates = {}, keys = {}}
+
+local function suspect(id, rec)
+  redis.call('ZADD', K_SUSPECT, NOW, id .. ' ' .. (rec.runner or ''))
+  redis.call('PEXPIRE', K_SUSPECT, 2 * grace_ms + 60000)
+end
+
 for _, id in ipairs(expired) do
   local rec = load(id)
-  if rec and rec.s ~= 'p' and redis.call('HEXISTS', K_CALLS, id) == 1 then
-    if rec.n and redis.call('HGET', K_SLOTS, rec.n) == id then unslot(rec.n) end
-    redis.call('ZREM', K_HOLDERS, id)
-    reclaimed[#reclaimed + 1] = {id, 'parked', rec.w or '', rec.f, rec.b or '', rec.n or '', 1}
-    rec.s = 'p'
-    rec.n = nil
-    rec.x = (rec.x or 0) + 1
-    rec.q = rec.q or 0
-    rec.e = 0
-    save(id, rec)
-    redis.call('ZADD', K_QUEUE, rec.q, id)
-  else
-    local row = {id, 'malformed', '', 0, '', '', 0}
-    if rec then
-      local redeliver = 0
-      if rec.a then redeliver = 1 end
-      row = {id, rec.s, rec.w or '', rec.f, rec.b or '', rec.n or '', redeliver}
-      if rec.s == 'r' and not rec.a and not rec.b then
-        -- Its worker died, or only stalled (a solo pool, a long pause): wait before saying so.
-        redis.call('ZADD', K_SUSPECT, NOW, id .. ' ' .. (rec.w or ''))
-        redis.call('PEXPIRE', K_SUSPECT, 2 * tonumber(ARGV[6]) + 60000)
-      end
-    end
+  if not rec or (rec.state ~= 'granted' and rec.state ~= 'running') then
+    if rec == false then set_aside(id, {}) end
     forget(id, rec)
+    reclaimed[#reclaimed + 1] = {id, 'malformed', '', 0, '', '', 0, 0, ''}
+  else
+    local redeliver = 0
+    if rec.redeliver then redeliver = 1 end
+    local row = {id, rec.state, rec.runner or '', rec.fence, rec.backend or '', rec.slot or '',
+      redeliver, rec.dispatches or 0, ''}
+    ungrant(id, rec, freed)
+    redis.call('ZREM', K_HOLDERS, id)
+    if rec.state == 'granted' and redis.call('HEXISTS', K_MESSAGES, id) == 1 then
+      -- Handed room but never started: its publisher died, no worker consumes its queue, or
+      -- its start could not be recorded (and so it did not run). Send it again later, a
+      -- bounded number of times, letting the calls behind it go first meanwhile.
+      rec.dispatches = (rec.dispatches or 0) + 1
+      row[8] = rec.dispatches
+      if rec.dispatches >= max_dispatches then
+        row[2] = 'abandoned'
+        row[9] = redis.call('HGET', K_MESSAGES, id)
+        tombstone(id, tonumber(ARGV[8]))
+        forget(id, rec)
+      else
+        row[2] = 'waiting'
+        rec.state = 'waiting'
+        rec.slot = nil
+        rec.ready_ms = NOW + tonumber(ARGV[7]) * rec.dispatches
+        save(id, rec)
+        redis.call('ZADD', K_DELAYED, rec.ready_ms, id)
+      end
+    elseif rec.state == 'running' and redis.call('HEXISTS', K_MESSAGES, id) == 1 then
+      -- It died (or stalled) while a copy of it waited as its backup: the copy runs instead,
+      -- competing from now on, so the call is neither lost nor reported dropped.
+      rec.state = 'waiting'
+      rec.slot = nil
+      rec.ready_ms = NOW
+      save(id, rec)
+      redis.call('ZADD', K_DELAYED, NOW, id)
+    else
+      if not rec.redeliver and not rec.backend then
+        -- Its worker died, or only stalled (a solo pool, a long pause), or a granted call's
+        -- message was lost with the worker that held it: wait before saying so.
+        suspect(id, rec)
+      end
+      forget(id, rec)
+    end
     reclaimed[#reclaimed + 1] = row
   end
 end
-local due = redis.call('ZRANGEBYSCORE', K_SUSPECT, '-inf', NOW - tonumber(ARGV[6]))
-if #due > 0 then redis.call('ZREMRANGEBYSCORE', K_SUSPECT, '-inf', NOW - tonumber(ARGV[6])) end
-return {EPOCH, reclaimed, handoff(gate_limit(ARGV[4]), {}), due}
+local due = redis.call('ZRANGEBYSCORE', K_SUSPECT, '-inf', NOW - grace_ms)
+if #due > 0 then redis.call('ZREMRANGEBYSCORE', K_SUSPECT, '-inf', NOW - grace_ms) end
+wake(freed)
+promote()
+pump(all_gates(), out)
+return {EPOCH, reclaimed, out, due}

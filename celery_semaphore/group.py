@@ -1,0 +1,443 @@
+"""A gate group in Redis: every state change of its gates through one Lua script.
+
+A group is one Redis hash tag; the gates stacked on one task live in one group, so a call
+takes all of them in one atomic step (and on one Redis Cluster slot). No Celery import here:
+a :class:`Group` knows call ids, gates, leases and opaque messages, so the Celery layer, the
+:class:`~celery_semaphore.Scheduler` and the tests drive the same object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import redis
+
+from .errors import AcceptanceUnknown, RedisUnavailable
+from .scripts import Scripts, code_of
+
+__all__ = [
+    "Acquired",
+    "Claimed",
+    "Grant",
+    "Group",
+    "KEY_PARTS",
+    "Malformed",
+    "Reclaim",
+    "Reclaimed",
+    "Release",
+    "Started",
+    "keys_for",
+]
+
+
+class Acquired(enum.IntEnum):
+    """What :meth:`Group.acquire` did with a call."""
+
+    PARKED = 0  # waits for room
+    GRANTED = 1
+    HELD = 2  # a re-send by the call's own run (retry, replace): it keeps its hold
+    DUPLICATE = 3  # the id is already pending or held: nothing written
+    BACKED_UP = 4  # a refused second execution, kept until the running one ends or dies
+    DROPPED = 5  # a backup of a call that already ended
+    WAITING = 7  # waits for its start time (countdown / ETA)
+
+
+class Started(enum.IntEnum):
+    """What :meth:`Group.start` decided about a run that is about to begin."""
+
+    RUN = 1
+    DUPLICATE = 4  # the same call runs elsewhere right now
+    REPARKED = 5  # the call's grant expired and it waits again
+    LOST = 7  # the call holds nothing: send it through the gate again
+    ENDED = 8  # the call already ran to its end, or was cancelled: a late copy
+
+    @property
+    def runs(self) -> bool:
+        """Whether the run may go ahead."""
+        return self is Started.RUN
+
+
+class Claimed(enum.IntEnum):
+    """What :meth:`Group.claim` did."""
+
+    CLAIMED = 1
+    SLOT_BUSY = 9
+    ALREADY_HELD = 10
+    RECOVERING = 11
+    ENDED = 12  # the id ran to its end recently: a backend polled it again
+
+
+@dataclasses.dataclass(frozen=True)
+class Grant:
+    """A waiting call that was just handed room; its message must now be published."""
+
+    task_id: str
+    fence: int
+    message: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Malformed:
+    """A waiting entry that could not be published (no readable record or message)."""
+
+    task_id: str
+    raw: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Release:
+    """The outcome of :meth:`Group.release`."""
+
+    released: bool
+    backend: str  # the backend that started the call ("" for a gated call)
+    slot: str  # the scheduler slot it held ("")
+    grants: list[Grant]
+    malformed: list[Malformed]
+
+
+@dataclasses.dataclass(frozen=True)
+class Reclaimed:
+    """A lease that expired and was taken back by :meth:`Group.reclaim`.
+
+    ``state`` is ``"running"`` (its worker died or stalled), ``"granted"`` (handed room,
+    never started, no message to send again), ``"waiting"`` (it will be sent again),
+    ``"abandoned"`` (handed room ``dispatches`` times without starting: given up), or
+    ``"malformed"``.
+    """
+
+    task_id: str
+    state: str
+    runner: str
+    fence: int
+    backend: str
+    slot: str
+    redeliver: bool = False  # the broker will bring the call back (acks_late)
+    dispatches: int = 0
+    message: bytes = b""  # an abandoned call's message (to name its queue)
+
+
+class Reclaim(NamedTuple):
+    """The outcome of :meth:`Group.reclaim`."""
+
+    reclaimed: list[Reclaimed]
+    grants: list[Grant]
+    malformed: list[Malformed]
+    #: (call id, last runner) of calls whose lease expired ``dropped_after_s`` ago with no
+    #: redelivery coming: nothing will finish them unless their result arrived.
+    dropped: list[tuple[str, str]]
+
+
+#: The keys of one group, in the order the scripts receive them (see lua/common.lua).
+KEY_PARTS = (
+    "state", "calls", "messages", "holders", "queue", "lanes", "bands", "blocked", "delayed",
+    "usage", "ended", "suspect", "aside", "slots",
+)  # fmt: skip
+
+
+def keys_for(prefix: str, group: str) -> tuple[str, ...]:
+    """Return the Redis keys of ``group``; they share one hash tag for Redis Cluster."""
+    tag = f"{{{prefix}:{group}}}"
+    return tuple(f"{tag}:{part}" for part in KEY_PARTS)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Group:
+    """The gates of one hash tag, held as leases in Redis.
+
+    Args:
+        client: a redis-py client (``decode_responses=False``).
+        scripts: the scripts registered on ``client``.
+        name: the group's name (by default a gate's own name).
+        prefix: first part of every key.
+        url: the Redis URL, named in errors.
+        dedupe_window_s: how long a call that must not start again is remembered.
+        dropped_after_s: grace before a dead holder's call is reported dropped.
+        max_dispatches: how many times a call is handed room without starting.
+
+    Every method takes an optional ``now_ms`` so tests can drive the clock; by default the
+    scripts read Redis ``TIME``.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        scripts: Scripts,
+        name: str,
+        prefix: str = "semaphore",
+        url: str = "redis",
+        dedupe_window_s: float = 3600.0,
+        dropped_after_s: float = 60.0,
+        max_dispatches: int = 5,
+    ) -> None:
+        self.client = client
+        self.scripts = scripts
+        self.name = name
+        self.prefix = prefix
+        self.url = url
+        self.dedupe_window_s = dedupe_window_s
+        self.dropped_after_s = dropped_after_s
+        self.max_dispatches = max_dispatches
+        self.keys = dict(zip(KEY_PARTS, keys_for(prefix, name), strict=True))
+        self._keys = tuple(self.keys.values())
+        #: The data set this group last saw (see common.lua); a change means Redis lost data.
+        self.epoch = ""
+        self.recover_ms = 0
+        # Whether the last acquire had to keep its call: then the next sends its message.
+        self._expect_full = False
+
+    def __repr__(self) -> str:
+        return f"<Group {self.name!r}>"
+
+    def _run(self, script: Any, now_ms: int | None, args: Sequence[Any], task_id: str = "") -> Any:
+        head = ["" if now_ms is None else str(int(now_ms)), self.epoch, self.recover_ms]
+        try:
+            reply = script(keys=self._keys, args=[*head, *args])
+        except redis.TimeoutError as exc:
+            # The request may sit in the server's buffer and run later (a stalled server).
+            if task_id:
+                raise AcceptanceUnknown(self.url, task_id, exc) from exc
+            raise RedisUnavailable(self.url, exc) from exc
+        except redis.ConnectionError as exc:
+            raise RedisUnavailable(self.url, exc) from exc
+        self.epoch = _text(reply[0])
+        return reply
+
+    def _lease(self, lease_ms: int) -> int:
+        # Recovery after lost data must outlast the longest lease handed out.
+        self.recover_ms = max(self.recover_ms, lease_ms)
+        return lease_ms
+
+    def acquire(
+        self,
+        task_id: str,
+        call_json: str,
+        limits: Sequence[int],
+        message: bytes | Any,
+        *,
+        lease_ms: int,
+        delay_ms: int = 0,
+        flags: str = "",
+        now_ms: int | None = None,
+    ) -> tuple[Acquired, int, list[int], list[Grant]]:
+        """Grant a call the room it needs now, or keep it (with its message) until it may go.
+
+        ``message`` (bytes, or a function that encodes them) is stored only when the call
+        waits. While the gate had room the last time, it is not encoded or sent up front;
+        should the call have to wait after all, the script writes nothing and asks for it,
+        costing one more round trip then. Returns the outcome, the fence (granted, held) or
+        the number of parked calls, the limits in force of the call's gates, and calls
+        handed room meanwhile (whose start time came).
+        """
+        self._lease(lease_ms)
+        encode = message if callable(message) else (lambda: message)
+
+        def send(payload: bytes) -> Any:
+            args = [task_id, call_json, ",".join(map(str, limits)), int(delay_ms), payload, flags]
+            reply = self._run(self.scripts.acquire, now_ms, args, task_id)
+            code_of("acquire", reply, (0, 1, 2, 3, 4, 5, 6, 7))
+            return reply
+
+        eager = bool(flags) or delay_ms > 0 or not callable(message) or self._expect_full
+        reply = send(encode() if eager else b"")
+        if int(reply[1]) == 6:  # it has to wait after all: send it again with its message
+            reply = send(encode())
+        outcome = Acquired(int(reply[1]))
+        self._expect_full = outcome is Acquired.PARKED
+        stored = [int(x) if x else 0 for x in _text(reply[3]).split(",")]
+        grants, _ = _split_grants(reply[4:])
+        return outcome, int(reply[2]), stored, grants
+
+    def start(
+        self, task_id: str, runner: str, *, redeliver: bool = False, now_ms: int | None = None
+    ) -> tuple[Started, int, str]:
+        """Mark ``task_id`` running under ``runner``.
+
+        ``redeliver`` says the broker brings the call back if its worker dies (``acks_late``),
+        so an expired lease of it is not a dropped call. Returns the verdict, the fence, and
+        the name of the backend that started the call (``""`` for a gated call).
+        """
+        reply = self._run(self.scripts.start, now_ms, [task_id, runner, int(redeliver)])
+        verdict = Started(code_of("start", reply, (1, 4, 5, 7, 8)))
+        return verdict, int(reply[2]), _text(reply[3])
+
+    def release(
+        self, task_id: str, fence: int | None = None, *, now_ms: int | None = None
+    ) -> Release:
+        """Give back the hold of ``task_id`` (of grant ``fence`` if given) and hand room on."""
+        fence_arg = "" if fence is None else str(int(fence))
+        window_ms = int(self.dedupe_window_s * 1000)
+        reply = self._run(self.scripts.release, now_ms, [task_id, fence_arg, window_ms])
+        grants, malformed = _split_grants(reply[4:])
+        return Release(bool(int(reply[1])), _text(reply[2]), _text(reply[3]), grants, malformed)
+
+    def keepalive(
+        self, calls: Mapping[str, Sequence[str]], lease_ms: int, *, now_ms: int | None = None
+    ) -> tuple[list[str], dict[str, str]]:
+        """Renew the leases of ``{call id: its gates}``.
+
+        Returns the ids that hold nothing any more, and ``{id: backend}`` of the renewed ones
+        that a scheduler backend started.
+        """
+        if not calls:
+            return [], {}
+        pairs = [x for task_id, gates in calls.items() for x in (task_id, ",".join(gates))]
+        reply = self._run(self.scripts.keepalive, now_ms, [self._lease(lease_ms), *pairs])
+        kept = reply[2]
+        backends = {_text(kept[i]): _text(kept[i + 1]) for i in range(0, len(kept), 2)}
+        return [_text(x) for x in reply[1]], backends
+
+    def reclaim(
+        self, *, batch: int = 1000, backoff_ms: int = 1000, now_ms: int | None = None
+    ) -> Reclaim:
+        """Take back expired leases, start calls whose time came, hand room on."""
+        args = [
+            int(batch),
+            int(self.dropped_after_s * 1000),
+            self.max_dispatches,
+            int(backoff_ms),
+            int(self.dedupe_window_s * 1000),
+        ]
+        reply = self._run(self.scripts.reclaim, now_ms, args)
+        reclaimed = [
+            Reclaimed(
+                _text(i),
+                _text(s),
+                _text(w),
+                int(f),
+                _text(b),
+                _text(n),
+                bool(int(a)),
+                int(d),
+                m if isinstance(m, bytes) else str(m).encode(),
+            )
+            for i, s, w, f, b, n, a, d, m in reply[1]
+        ]
+        grants, malformed = _split_grants(reply[2])
+        dropped = [tuple(_text(x).split(" ", 1)) for x in reply[3]]
+        return Reclaim(reclaimed, grants, malformed, [(d[0], d[-1]) for d in dropped])
+
+    def claim(
+        self,
+        gate: str,
+        slot: int | str,
+        task_id: str,
+        backend: str,
+        *,
+        lease_ms: int,
+        limit: int,
+        now_ms: int | None = None,
+    ) -> tuple[Claimed, int]:
+        """Give scheduler slot ``slot`` of ``gate`` to ``task_id``, handed over by ``backend``."""
+        args = [gate, str(slot), task_id, self._lease(lease_ms), backend, int(limit)]
+        reply = self._run(self.scripts.claim, now_ms, args)
+        return Claimed(code_of("claim", reply, (1, 9, 10, 11, 12))), int(reply[2])
+
+    def cancel(self, task_id: str, *, now_ms: int | None = None) -> tuple[str, list[Grant]]:
+        """Take a call that has not started out of its gates; it will never run.
+
+        Returns the state it was in (``""`` when unknown here, ``"running"`` when it runs:
+        nothing was changed then) and the calls handed the room it freed.
+        """
+        window_ms = int(self.dedupe_window_s * 1000)
+        reply = self._run(self.scripts.cancel, now_ms, [task_id, window_ms])
+        grants, _ = _split_grants(reply[3:])
+        return _text(reply[2]), grants
+
+    def resize(
+        self, gate: str, limit: int, *, now_ms: int | None = None
+    ) -> tuple[int | None, list[Grant]]:
+        """Set the limit in force of ``gate``; returns the old one and calls handed new room."""
+        reply = self._run(self.scripts.resize, now_ms, [gate, int(limit)])
+        old = _text(reply[1])
+        grants, _ = _split_grants(reply[2:])
+        return (int(old) if old else None), grants
+
+    # Read-only views, for status displays, schedulers and tests.
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise RedisUnavailable(self.url, exc) from exc
+
+    def limit(self, gate: str) -> int | None:
+        """The limit in force of ``gate`` (``None`` while no call named it)."""
+        raw = self._call(self.client.hget, self.keys["state"], f"{gate}:limit")
+        return int(raw) if raw is not None else None
+
+    def used(self, gate: str) -> int:
+        """Units of ``gate`` held now (weights counted)."""
+        return int(self._call(self.client.hget, self.keys["state"], f"{gate}:used") or 0)
+
+    def key_usage(self) -> dict[tuple[str, str], int]:
+        """``{(gate, key): units}`` of every key that holds units now."""
+        raw = self._call(self.client.hgetall, self.keys["usage"])
+        return {tuple(_text(k).split("\x1f", 1)): int(v) for k, v in raw.items()}  # type: ignore[misc]
+
+    def held(self) -> int:
+        """Number of calls holding the group's gates (expired leases until reclaimed)."""
+        return int(self._call(self.client.zcard, self.keys["holders"]))
+
+    def parked(self) -> int:
+        """Number of calls waiting for room."""
+        return int(self._call(self.client.zcard, self.keys["queue"]))
+
+    def waiting(self) -> int:
+        """Number of calls waiting for their start time."""
+        return int(self._call(self.client.zcard, self.keys["delayed"]))
+
+    def holders(self) -> dict[str, int]:
+        """Call id -> lease deadline (ms) of every holder."""
+        pairs = self._call(self.client.zrange, self.keys["holders"], 0, -1, withscores=True)
+        return {_text(k): int(v) for k, v in pairs}
+
+    def record(self, task_id: str) -> dict[str, Any] | None:
+        """The stored record of a call (see lua/common.lua), or ``None``."""
+        raw = self._call(self.client.hget, self.keys["calls"], task_id)
+        try:
+            return json.loads(raw) if raw is not None else None
+        except ValueError:
+            return None
+
+    def slots(self, gate: str) -> dict[str, str]:
+        """Scheduler slot number -> call id of every occupied slot of ``gate``."""
+        raw = self._call(self.client.hgetall, self.keys["slots"])
+        head = f"{gate}:"
+        return {
+            _text(k)[len(head) :]: _text(v) for k, v in raw.items() if _text(k).startswith(head)
+        }
+
+    def aside(self) -> dict[str, bytes]:
+        """Call id -> raw entry of entries moved aside as unreadable."""
+        return {_text(k): v for k, v in self._call(self.client.hgetall, self.keys["aside"]).items()}
+
+    def set_aside(self, task_id: str, raw: bytes) -> None:
+        """Keep an unpublishable entry for an operator (the caller then releases the call)."""
+        self._call(self.client.hset, self.keys["aside"], task_id, raw)
+
+    def holds(self, task_id: str, fence: int | None = None) -> bool:
+        """Whether ``task_id`` holds its gates now (under grant ``fence``, if given)."""
+        record = self.record(task_id)
+        if record is None:
+            return False
+        return record.get("state") in ("granted", "running") and (
+            fence is None or record.get("fence") == fence
+        )
+
+
+def _split_grants(rows: Iterable[Any]) -> tuple[list[Grant], list[Malformed]]:
+    grants: list[Grant] = []
+    malformed: list[Malformed] = []
+    for task_id, fence, payload in rows:
+        if int(fence) < 0:
+            malformed.append(Malformed(_text(task_id), payload))
+        else:
+            grants.append(Grant(_text(task_id), int(fence), payload))
+    return grants, malformed

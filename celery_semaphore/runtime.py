@@ -1,0 +1,338 @@
+"""Per-app state: settings, the Redis client, the groups, and the gates of each task.
+
+Below the Celery integration (publish hook, receivers, bootstep, tick) and above the Redis
+model (:mod:`celery_semaphore.group`): each of those finds everything it needs here in one
+hop, through :func:`runtime_for`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from collections.abc import Iterable
+from functools import cached_property
+from typing import Any
+
+import redis
+from celery import Celery, states
+from celery.utils.log import get_logger
+from kombu.utils.url import maybe_sanitize_url
+
+from .config import Settings
+from .errors import CallDropped, ConfigurationError, NeverStarted
+from .group import Grant, Group, Malformed
+from .message import Envelope
+from .scripts import Scripts
+from .spec import TaskGates, resolve, specs_of
+
+__all__ = ["HANDOFF_HEADER", "Runtime", "runtime_for", "runtimes"]
+
+logger = get_logger(__name__)
+
+#: Header added to a message published from Redis after it was handed room (not at submit).
+HANDOFF_HEADER = "semaphore_handoff"
+
+_runtimes: weakref.WeakKeyDictionary[Celery, Runtime] = weakref.WeakKeyDictionary()
+_lock = threading.RLock()
+
+
+def runtime_for(app: Celery | None, *, create: bool = False) -> Runtime | None:
+    """The runtime of ``app`` (made when ``create``), or ``None`` when it has none."""
+    if app is None:
+        return None
+    with _lock:
+        rt = _runtimes.get(app)
+        if rt is None and create:
+            rt = _runtimes[app] = Runtime(app)
+        return rt
+
+
+def runtimes() -> list[Runtime]:
+    """Every runtime of this process."""
+    return list(_runtimes.values())
+
+
+class Runtime:
+    """What celery_semaphore keeps per Celery app."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self._gates: dict[str, TaskGates | None] = {}
+        self._groups: dict[str, Group] = {}
+        self._limits_seen: set[str] = set()
+        self._lock = threading.Lock()
+        self._scheduler_lock = threading.Lock()
+        #: Builds the app's Scheduler (set by ``install``, which owns that layer).
+        self.scheduler_factory: Any = None
+        self._scheduler: Any = None
+
+    @property
+    def scheduler(self) -> Any:
+        """The app's :class:`~celery_semaphore.Scheduler` (built on first use), or ``None``."""
+        if self._scheduler is None and self.scheduler_factory is not None:
+            with self._scheduler_lock:
+                if self._scheduler is None:
+                    self._scheduler = self.scheduler_factory(self)
+        return self._scheduler
+
+    @cached_property
+    def settings(self) -> Settings:
+        """The validated ``semaphore_*`` settings (read on first use)."""
+        settings = Settings.from_conf(self.app.conf)
+        if settings.redis_url_is_broker:
+            logger.info(
+                "celery_semaphore: semaphore_redis_url is not set; the gates live in the "
+                "broker's Redis, %s",
+                maybe_sanitize_url(settings.redis_url),
+            )
+        return settings
+
+    @cached_property
+    def client(self) -> redis.Redis:
+        """The Redis client of the gates (redis-py resets its pool in a forked child)."""
+        timeout = self.settings.redis_timeout_s
+        return redis.Redis.from_url(
+            self.settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+
+    @cached_property
+    def scripts(self) -> Scripts:
+        """The Lua scripts registered on :attr:`client`."""
+        return Scripts(self.client)
+
+    @property
+    def url(self) -> str:
+        """The gates' Redis URL without its password."""
+        return str(maybe_sanitize_url(self.settings.redis_url))
+
+    def group(self, name: str) -> Group:
+        """The :class:`Group` named ``name`` (built once per process)."""
+        group = self._groups.get(name)
+        if group is None:
+            with self._lock:
+                group = self._groups.get(name)
+                if group is None:
+                    s = self.settings
+                    group = self._groups[name] = Group(
+                        self.client,
+                        self.scripts,
+                        name,
+                        prefix=s.key_prefix,
+                        url=self.url,
+                        dedupe_window_s=s.dedupe_window_s,
+                        dropped_after_s=s.dropped_after_s,
+                        max_dispatches=s.max_dispatches,
+                    )
+                    group.recover_ms = int(s.lease_s * 1000)
+        return group
+
+    def group_of_gate(self, gate: str) -> Group:
+        """The group a gate lives in (``semaphore_groups``, else the gate's own name)."""
+        for gates in self.task_gates():
+            if gate in gates.names:
+                return self.group(gates.group)
+        return self.group(self.settings.groups.get(gate, gate))
+
+    # -- tasks and their gates ---------------------------------------------------------
+
+    def gates_of(self, task_name: str) -> TaskGates | None:
+        """The resolved gates of a task by name, or ``None`` when it is not gated here.
+
+        Found from the task itself (the decorator above or below ``@app.task``), so every
+        process that has the task registered (a prefork child, beat, a sender) agrees.
+
+        Raises:
+            ConfigurationError: the task's gates are misconfigured (see ``spec.resolve``).
+        """
+        try:
+            return self._gates[task_name]
+        except KeyError:
+            pass
+        task = (
+            self.app.tasks.get(task_name) if self.app.finalized else self.app._tasks.get(task_name)
+        )
+        specs = specs_of(task) if task is not None else ()
+        gates = resolve(task_name, specs, self.settings) if specs else None
+        if gates is not None:
+            self._check_consistent(gates)
+        if task is not None:
+            self._gates[task_name] = gates
+        return gates
+
+    def check_specs(self, task_name: str, specs: tuple[Any, ...]) -> None:
+        """Refuse, at decoration, a gate that two tasks' decorators give different limits.
+
+        Only what the decorators say is compared (settings may not be loaded yet); the rest
+        is checked when a call is first sent.
+
+        Raises:
+            ConfigurationError: the limits or groups of one gate disagree.
+        """
+        mine = {s.gate: s for s in specs if s.gate}
+        for name, task in list(self.app._tasks.items()):
+            if name == task_name:
+                continue
+            for other in specs_of(task):
+                spec = mine.get(other.gate)
+                if spec is None:
+                    continue
+                if None not in (spec.limit, other.limit) and spec.limit != other.limit:
+                    raise ConfigurationError(
+                        f"gate {spec.gate!r} gets limit {spec.limit} from {task_name} but "
+                        f"{other.limit} from {name}; give it one limit (or set it only in "
+                        "semaphore_limits)"
+                    )
+                if None not in (spec.group, other.group) and spec.group != other.group:
+                    raise ConfigurationError(
+                        f"gate {spec.gate!r} is in group {spec.group!r} for {task_name} but in "
+                        f"{other.group!r} for {name}; a gate lives in one group"
+                    )
+
+    def _check_consistent(self, gates: TaskGates) -> None:
+        for other in self._gates.values():
+            if other is None:
+                continue
+            for name, spec in zip(gates.names, gates.specs, strict=True):
+                for o_name, o_spec in zip(other.names, other.specs, strict=True):
+                    if name != o_name:
+                        continue
+                    if None not in (spec.limit, o_spec.limit) and spec.limit != o_spec.limit:
+                        raise ConfigurationError(
+                            f"gate {name!r} gets limit {spec.limit} from {gates.task} but "
+                            f"{o_spec.limit} from {other.task}; give it one limit (or set it "
+                            "only in semaphore_limits)"
+                        )
+                    if gates.group != other.group:
+                        raise ConfigurationError(
+                            f"gate {name!r} is in group {gates.group!r} for {gates.task} but in "
+                            f"{other.group!r} for {other.task}; a gate lives in one group: set "
+                            "semaphore_groups"
+                        )
+
+    def task_gates(self) -> list[TaskGates]:
+        """The gates of every gated task of the app."""
+        names = list(self.app.tasks.keys()) if self.app.finalized else list(self.app._tasks)
+        found = []
+        for name in names:
+            with contextlib.suppress(ConfigurationError):
+                gates = self.gates_of(name)
+                if gates is not None:
+                    found.append(gates)
+        return found
+
+    def known_groups(self) -> list[str]:
+        """Every group this app knows: gated tasks, configured limits and scheduler slots."""
+        groups = {g.group for g in self.task_gates()}
+        groups.update(self.settings.groups.get(n, n) for n in self.settings.limits)
+        return sorted(groups)
+
+    def note_limits(self, gates: TaskGates, stored: list[int]) -> None:
+        """Warn once per gate when Redis holds another limit than this process's configuration."""
+        for name, mine, theirs in zip(gates.names, gates.limits, stored, strict=False):
+            if mine != theirs and name not in self._limits_seen:
+                self._limits_seen.add(name)
+                logger.warning(
+                    "celery_semaphore: gate %r is configured with limit %s here, but the limit in "
+                    "force (stored in Redis) is %s; the stored one applies. Resize the gate, or "
+                    "set semaphore_limit_source = 'config' to make the configuration win.",
+                    name,
+                    mine,
+                    theirs,
+                )
+
+    def enforce_limits(self, gates: TaskGates) -> None:
+        """With ``semaphore_limit_source = 'config'``: write the configured limits once."""
+        if self.settings.limit_source != "config":
+            return
+        for name, limit in zip(gates.names, gates.limits, strict=True):
+            if name not in self._limits_seen:
+                self._limits_seen.add(name)
+                _, grants = self.group(gates.group).resize(name, limit)
+                self.dispatch(gates.group, grants)
+
+    # -- sending what Redis handed room -------------------------------------------------
+
+    def dispatch(self, group: str, grants: list[Grant], malformed: Iterable[Malformed] = ()) -> int:
+        """Publish calls that were handed room; returns how many were published.
+
+        A call that cannot be published now keeps its message in Redis: when its lease
+        expires the tick sends it again, so it is delayed, never lost.
+        """
+        for entry in malformed:
+            logger.error(
+                "gate group %r: moved aside an unreadable entry %s: %r",
+                group,
+                entry.task_id,
+                entry.raw[:200],
+            )
+        if not grants:
+            return 0
+        sent = 0
+        with self.app.producer_or_acquire() as producer:
+            queues = self.app.amqp.queues
+            for grant in grants:
+                try:
+                    envelope = Envelope.decode(grant.message)
+                except ValueError:
+                    logger.error(
+                        "gate group %r: call %s has an unreadable message; moved aside",
+                        group,
+                        grant.task_id,
+                    )
+                    self.group(group).set_aside(grant.task_id, grant.message)
+                    self.release(group, grant.task_id, grant.fence)  # its room goes on
+                    continue
+                headers = envelope.publish_kwargs.setdefault("headers", {})
+                if isinstance(headers, dict):
+                    headers[HANDOFF_HEADER] = "1"
+                try:
+                    envelope.publish(producer, [queues[q] for q in envelope.queues if q in queues])
+                    sent += 1
+                except Exception:
+                    logger.exception(
+                        "gate group %r: could not publish call %s; it is sent again when its "
+                        "lease expires",
+                        group,
+                        grant.task_id,
+                    )
+        return sent
+
+    def release(self, group: str, task_id: str, fence: int | None) -> bool:
+        """Give back a call's hold and publish the calls handed room; whether one was freed."""
+        outcome = self.group(group).release(task_id, fence)
+        self.dispatch(group, outcome.grants, outcome.malformed)
+        if outcome.released and self.scheduler is not None:
+            # The idle slots of the group poll again at once; a task a scheduler slot
+            # started also tells its backend of its end.
+            if outcome.backend:
+                self.scheduler.stopped(group, task_id, outcome.backend)
+            else:
+                self.scheduler.fill(group)
+        return outcome.released
+
+    # -- final states recorded by the package -------------------------------------------
+
+    def record_failure(self, task_id: str, exc: BaseException) -> bool:
+        """Store ``exc`` as the call's result unless a final state is stored already."""
+        backend = self.app.backend
+        try:
+            if backend.get_state(task_id) in states.READY_STATES:
+                return False
+            backend.mark_as_failure(task_id, exc, call_errbacks=False)
+        except NotImplementedError:  # no result backend: nowhere to record it
+            return False
+        return True
+
+    def record_dropped(self, group: str, task_id: str, runner: str) -> bool:
+        """Record ``CallDropped`` for a call lost with its worker, if no result is stored."""
+        return self.record_failure(task_id, CallDropped(group, task_id, runner))
+
+    def record_never_started(self, group: str, task_id: str, queue: str, attempts: int) -> bool:
+        """Record ``NeverStarted`` for a call handed room again and again that never started."""
+        return self.record_failure(task_id, NeverStarted(group, task_id, queue, attempts))
+
+    def record_revoked(self, task_id: str, reason: str) -> None:
+        """Record REVOKED for a call that will never run."""
+        with contextlib.suppress(NotImplementedError):
+            self.app.backend.mark_as_revoked(task_id, reason=reason)
