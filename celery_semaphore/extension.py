@@ -76,11 +76,8 @@ def _build_scheduler(rt: Runtime) -> Scheduler | None:
     if not rt.settings.slots:
         return None
 
-    def dispatch(group: str, outcome: Any) -> None:
-        if isinstance(outcome, Release):
-            rt.dispatch(group, outcome.grants, outcome.malformed)
-        else:
-            rt.dispatch(group, outcome.grants, outcome.malformed)
+    def dispatch(group: str, outcome: Release | Any) -> None:
+        rt.dispatch(group, outcome.grants, outcome.malformed)
 
     scheduler = Scheduler(
         {"app": rt.app, "redis_c": rt.client, "runtime": rt},

@@ -19,7 +19,7 @@ from .backends.base import AbstractBackend, resolve_backend, resolve_class
 from .backends.gated import GatedCalls
 from .config import check_name, check_seconds
 from .errors import ConfigurationError
-from .group import Claimed, Group, Release
+from .group import Claimed, Group
 from .scripts import Scripts
 from .slot import AbstractSlot
 
@@ -34,7 +34,7 @@ _REQUIRED = ("backends", "slot_cls", "slot_id")
 _ALLOWED = {*_REQUIRED, "timeout", "semaphore"}
 
 GroupFactory = Callable[[str], Group]
-Dispatch = Callable[[str, Release], Any]
+Dispatch = Callable[[str, Any], Any]  # (group, a Release or a Reclaim)
 
 
 @dataclasses.dataclass(frozen=True)

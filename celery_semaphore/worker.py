@@ -64,7 +64,7 @@ def guard_all_tasks(sender: Any = None, **_: Any) -> None:
     and Celery's tracers (built at a task's first run) use the guarded run.
     """
     app = getattr(sender, "app", None)
-    if runtime_for(app) is None:
+    if app is None or runtime_for(app) is None:
         return
     for task in list(app.tasks.values()):
         run = task.__dict__.get("run") or getattr(task, "run", None)

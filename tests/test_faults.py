@@ -33,6 +33,8 @@ from .faultkit import Cluster, PersistentRedis, Worker, cluster_fixture, peak_ov
 #: Seconds beat, the broker and a worker take to send, deliver and run one tick.
 MARGIN = 1.0
 
+pytestmark = pytest.mark.slow
+
 
 # -- helpers ---------------------------------------------------------------------------------
 

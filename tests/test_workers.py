@@ -16,6 +16,8 @@ from . import proj
 from .conftest import acquire, at_rest, slot_keys, threads_worker, wait_for
 from .faultkit import Cluster, cluster_fixture, peak_overlap  # noqa: F401
 
+pytestmark = pytest.mark.slow
+
 
 def test_a_prefork_worker_and_a_real_beat_keep_a_hundred_calls_within_three_slots(
     cluster: Cluster, slots: redis.Redis, prefix: str

@@ -1,0 +1,115 @@
+"""What the scripts answer: outcome codes and records, decoded once (see :mod:`.group`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import NamedTuple
+
+__all__ = [
+    "Acquired",
+    "Claimed",
+    "Grant",
+    "Malformed",
+    "Reclaim",
+    "Reclaimed",
+    "Release",
+    "Started",
+]
+
+
+class Acquired(enum.IntEnum):
+    """What :meth:`Group.acquire` did with a call."""
+
+    PARKED = 0  # waits for room
+    GRANTED = 1
+    HELD = 2  # a re-send by the call's own run (retry, replace): it keeps its hold
+    DUPLICATE = 3  # the id is already pending or held: nothing written
+    BACKED_UP = 4  # a refused second execution, kept until the running one ends or dies
+    DROPPED = 5  # a backup of a call that already ended
+    WAITING = 7  # waits for its start time (countdown / ETA)
+
+
+class Started(enum.IntEnum):
+    """What :meth:`Group.start` decided about a run that is about to begin."""
+
+    RUN = 1
+    DUPLICATE = 4  # the same call runs elsewhere right now
+    REPARKED = 5  # the call's grant expired and it waits again
+    LOST = 7  # the call holds nothing: send it through the gate again
+    ENDED = 8  # the call already ran to its end, or was cancelled: a late copy
+
+    @property
+    def runs(self) -> bool:
+        """Whether the run may go ahead."""
+        return self is Started.RUN
+
+
+class Claimed(enum.IntEnum):
+    """What :meth:`Group.claim` did."""
+
+    CLAIMED = 1
+    SLOT_BUSY = 9
+    ALREADY_HELD = 10
+    RECOVERING = 11
+    ENDED = 12  # the id ran to its end recently: a backend polled it again
+
+
+@dataclasses.dataclass(frozen=True)
+class Grant:
+    """A waiting call that was just handed room; its message must now be published."""
+
+    task_id: str
+    fence: int
+    message: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Malformed:
+    """A waiting entry that could not be published (no readable record or message)."""
+
+    task_id: str
+    raw: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Release:
+    """The outcome of :meth:`Group.release`."""
+
+    released: bool
+    backend: str  # the backend that started the call ("" for a gated call)
+    slot: str  # the scheduler slot it held ("")
+    grants: list[Grant]
+    malformed: list[Malformed]
+
+
+@dataclasses.dataclass(frozen=True)
+class Reclaimed:
+    """A lease that expired and was taken back by :meth:`Group.reclaim`.
+
+    ``state`` is ``"running"`` (its worker died or stalled), ``"granted"`` (handed room,
+    never started, no message to send again), ``"waiting"`` (it will be sent again),
+    ``"abandoned"`` (handed room ``dispatches`` times without starting: given up), or
+    ``"malformed"``.
+    """
+
+    task_id: str
+    state: str
+    runner: str
+    fence: int
+    backend: str
+    slot: str
+    redeliver: bool = False  # the broker will bring the call back (acks_late)
+    dispatches: int = 0
+    message: bytes = b""  # an abandoned call's message (to name its queue)
+
+
+class Reclaim(NamedTuple):
+    """The outcome of :meth:`Group.reclaim`."""
+
+    reclaimed: list[Reclaimed]
+    grants: list[Grant]
+    malformed: list[Malformed]
+    #: (call id, last runner) of calls whose lease expired ``dropped_after_s`` ago with no
+    #: redelivery coming: nothing will finish them unless their result arrived.
+    dropped: list[tuple[str, str]]
