@@ -18,6 +18,7 @@ from . import signals, worker
 from .errors import ConfigurationError
 from .group import Release
 from .publish import Publisher
+from .results import record_revoked
 from .runtime import Runtime, runtime_for
 from .scheduler import Scheduler
 from .spec import specs_of
@@ -124,6 +125,6 @@ def cancel(result: Any, app: Celery | None = None) -> str:
         if state == "running":
             return state
         if state:
-            rt.record_revoked(task_id, f"cancelled while {state}")
+            record_revoked(rt.app, task_id, f"cancelled while {state}")
             return state
     return ""

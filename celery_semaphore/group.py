@@ -102,8 +102,9 @@ class Group:
         try:
             reply = script(keys=self._keys, args=[*head, *args])
         except redis.TimeoutError as exc:
-            # The request may sit in the server's buffer and run later (a stalled server).
-            if task_id:
+            # A read timeout: the request may sit in the server's buffer and run later (a
+            # stalled server). A connect timeout sent nothing (redis-py says "connecting").
+            if task_id and "connecting" not in str(exc):
                 raise AcceptanceUnknown(self.url, task_id, exc) from exc
             raise RedisUnavailable(self.url, exc) from exc
         except redis.ConnectionError as exc:

@@ -18,7 +18,7 @@ from .errors import ConfigurationError, DuplicateCall
 from .group import Acquired
 from .message import CapturingProducer, Envelope
 from .runtime import HANDOFF_HEADER, Runtime
-from .spec import call_spec
+from .spec import TaskGates, call_spec
 
 __all__ = ["BACKUP_HEADER", "GATES_HEADER", "HEADER", "Publisher"]
 
@@ -91,7 +91,7 @@ class Publisher:
             current.request.semaphore_resent = gates.group
         eta = headers.get("eta")
         delay_ms = _delay_ms(eta, rt.app.now()) if eta else 0
-        rt.enforce_limits(gates)
+        enforce_limits(rt, gates)
 
         def on_task(real_producer: Any, envelope: Envelope) -> Any:
             group = rt.group(gates.group)
@@ -104,7 +104,7 @@ class Publisher:
                 delay_ms=delay_ms,
                 flags=flags,
             )
-            rt.note_limits(gates, stored)
+            note_limits(rt, gates, stored)
             rt.dispatch(gates.group, grants)
             if outcome is Acquired.DUPLICATE:
                 raise DuplicateCall(gates.gate, task_id)
@@ -119,6 +119,32 @@ class Publisher:
                 raise
 
         return self._original()(CapturingProducer(producer, on_task), name, message, **options)
+
+
+def note_limits(rt: Runtime, gates: TaskGates, stored: list[int]) -> None:
+    """Warn once per gate when Redis holds another limit than this process's configuration."""
+    for name, mine, theirs in zip(gates.names, gates.limits, stored, strict=False):
+        if mine != theirs and name not in rt.limits_seen:
+            rt.limits_seen.add(name)
+            logger.warning(
+                "celery_semaphore: gate %r is configured with limit %s here, but the limit in "
+                "force (stored in Redis) is %s; the stored one applies. Resize the gate, or "
+                "set semaphore_limit_source = 'config' to make the configuration win.",
+                name,
+                mine,
+                theirs,
+            )
+
+
+def enforce_limits(rt: Runtime, gates: TaskGates) -> None:
+    """With ``semaphore_limit_source = 'config'``: write the configured limits once."""
+    if rt.settings.limit_source != "config":
+        return
+    for name, limit in zip(gates.names, gates.limits, strict=True):
+        if name not in rt.limits_seen:
+            rt.limits_seen.add(name)
+            _, grants = rt.group(gates.group).resize(name, limit)
+            rt.dispatch(gates.group, grants)
 
 
 def _arguments(message: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -15,16 +15,16 @@ from functools import cached_property
 from typing import Any
 
 import redis
-from celery import Celery, states
+from celery import Celery
 from celery.utils.log import get_logger
 from kombu.utils.url import maybe_sanitize_url
 
 from .config import Settings
-from .errors import CallDropped, ConfigurationError, NeverStarted
+from .errors import ConfigurationError
 from .group import Grant, Group, Malformed
 from .message import Envelope
 from .scripts import Scripts
-from .spec import TaskGates, resolve, specs_of
+from .spec import TaskGates, check_agreement, resolve, specs_of
 
 __all__ = ["HANDOFF_HEADER", "Runtime", "runtime_for", "runtimes"]
 
@@ -60,7 +60,8 @@ class Runtime:
         self.app = app
         self._gates: dict[str, TaskGates | None] = {}
         self._groups: dict[str, Group] = {}
-        self._limits_seen: set[str] = set()
+        #: Gates whose stored limit this process compared with its own (see publish.py).
+        self.limits_seen: set[str] = set()
         self._lock = threading.Lock()
         self._scheduler_lock = threading.Lock()
         #: Builds the app's Scheduler (set by ``install``, which owns that layer).
@@ -161,54 +162,24 @@ class Runtime:
         return gates
 
     def check_specs(self, task_name: str, specs: tuple[Any, ...]) -> None:
-        """Refuse, at decoration, a gate that two tasks' decorators give different limits.
+        """Refuse, at decoration, a gate that two tasks' decorators configure differently.
 
-        Only what the decorators say is compared (settings may not be loaded yet); the rest
-        is checked when a call is first sent.
+        Only what the decorators say is compared (settings may not be loaded yet); the
+        groups the settings give are compared when a call is first sent.
 
         Raises:
             ConfigurationError: the limits or groups of one gate disagree.
         """
-        mine = {s.gate: s for s in specs if s.gate}
         for name, task in list(self.app._tasks.items()):
-            if name == task_name:
-                continue
-            for other in specs_of(task):
-                spec = mine.get(other.gate)
-                if spec is None:
-                    continue
-                if None not in (spec.limit, other.limit) and spec.limit != other.limit:
-                    raise ConfigurationError(
-                        f"gate {spec.gate!r} gets limit {spec.limit} from {task_name} but "
-                        f"{other.limit} from {name}; give it one limit (or set it only in "
-                        "semaphore_limits)"
-                    )
-                if None not in (spec.group, other.group) and spec.group != other.group:
-                    raise ConfigurationError(
-                        f"gate {spec.gate!r} is in group {spec.group!r} for {task_name} but in "
-                        f"{other.group!r} for {name}; a gate lives in one group"
-                    )
+            if name != task_name:
+                check_agreement(task_name, specs, None, name, specs_of(task), None)
 
     def _check_consistent(self, gates: TaskGates) -> None:
         for other in self._gates.values():
-            if other is None:
-                continue
-            for name, spec in zip(gates.names, gates.specs, strict=True):
-                for o_name, o_spec in zip(other.names, other.specs, strict=True):
-                    if name != o_name:
-                        continue
-                    if None not in (spec.limit, o_spec.limit) and spec.limit != o_spec.limit:
-                        raise ConfigurationError(
-                            f"gate {name!r} gets limit {spec.limit} from {gates.task} but "
-                            f"{o_spec.limit} from {other.task}; give it one limit (or set it "
-                            "only in semaphore_limits)"
-                        )
-                    if gates.group != other.group:
-                        raise ConfigurationError(
-                            f"gate {name!r} is in group {gates.group!r} for {gates.task} but in "
-                            f"{other.group!r} for {other.task}; a gate lives in one group: set "
-                            "semaphore_groups"
-                        )
+            if other is not None:
+                check_agreement(
+                    gates.task, gates.specs, gates.group, other.task, other.specs, other.group
+                )
 
     def task_gates(self) -> list[TaskGates]:
         """The gates of every gated task of the app."""
@@ -226,30 +197,6 @@ class Runtime:
         groups = {g.group for g in self.task_gates()}
         groups.update(self.settings.groups.get(n, n) for n in self.settings.limits)
         return sorted(groups)
-
-    def note_limits(self, gates: TaskGates, stored: list[int]) -> None:
-        """Warn once per gate when Redis holds another limit than this process's configuration."""
-        for name, mine, theirs in zip(gates.names, gates.limits, stored, strict=False):
-            if mine != theirs and name not in self._limits_seen:
-                self._limits_seen.add(name)
-                logger.warning(
-                    "celery_semaphore: gate %r is configured with limit %s here, but the limit in "
-                    "force (stored in Redis) is %s; the stored one applies. Resize the gate, or "
-                    "set semaphore_limit_source = 'config' to make the configuration win.",
-                    name,
-                    mine,
-                    theirs,
-                )
-
-    def enforce_limits(self, gates: TaskGates) -> None:
-        """With ``semaphore_limit_source = 'config'``: write the configured limits once."""
-        if self.settings.limit_source != "config":
-            return
-        for name, limit in zip(gates.names, gates.limits, strict=True):
-            if name not in self._limits_seen:
-                self._limits_seen.add(name)
-                _, grants = self.group(gates.group).resize(name, limit)
-                self.dispatch(gates.group, grants)
 
     # -- sending what Redis handed room -------------------------------------------------
 
@@ -310,29 +257,3 @@ class Runtime:
             else:
                 self.scheduler.fill(group)
         return outcome.released
-
-    # -- final states recorded by the package -------------------------------------------
-
-    def record_failure(self, task_id: str, exc: BaseException) -> bool:
-        """Store ``exc`` as the call's result unless a final state is stored already."""
-        backend = self.app.backend
-        try:
-            if backend.get_state(task_id) in states.READY_STATES:
-                return False
-            backend.mark_as_failure(task_id, exc, call_errbacks=False)
-        except NotImplementedError:  # no result backend: nowhere to record it
-            return False
-        return True
-
-    def record_dropped(self, group: str, task_id: str, runner: str) -> bool:
-        """Record ``CallDropped`` for a call lost with its worker, if no result is stored."""
-        return self.record_failure(task_id, CallDropped(group, task_id, runner))
-
-    def record_never_started(self, group: str, task_id: str, queue: str, attempts: int) -> bool:
-        """Record ``NeverStarted`` for a call handed room again and again that never started."""
-        return self.record_failure(task_id, NeverStarted(group, task_id, queue, attempts))
-
-    def record_revoked(self, task_id: str, reason: str) -> None:
-        """Record REVOKED for a call that will never run."""
-        with contextlib.suppress(NotImplementedError):
-            self.app.backend.mark_as_revoked(task_id, reason=reason)

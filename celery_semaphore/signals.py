@@ -15,6 +15,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+import redis
 from celery import signals
 from celery._state import get_current_task
 from celery.exceptions import Ignore
@@ -121,8 +122,11 @@ def refuse_if_denied() -> None:
     if task is None:
         return
     request = task.request
-    if getattr(request, "semaphore_unrecorded", False):
-        if _header(request, HANDOFF_HEADER) == "1":
+    unrecorded = getattr(request, "semaphore_unrecorded", False)
+    if unrecorded:
+        # A start that timed out ("unknown") may still run when a stalled server resumes: it
+        # then marks the call running and drops its message, so nothing would send it again.
+        if unrecorded == "refused" and _header(request, HANDOFF_HEADER) == "1":
             # Its message is still in Redis: the tick sends it again once its lease expires,
             # and that run is recorded. Running this one too would run the call twice.
             logger.warning(
@@ -131,8 +135,9 @@ def refuse_if_denied() -> None:
                 request.id,
             )
             raise Ignore()
-        # Granted at submit, so nothing else will send it: run it, and let the keepalive
-        # record it once Redis answers; its end releases it as usual.
+        # Granted at submit, or its start may be recorded late: nothing else will send it, so
+        # run it; the keepalive renews its hold once Redis answers (so the tick does not send
+        # it again), and its end releases it as usual.
         logger.warning(
             "gate: the start of call %s could not be recorded (Redis unreachable); running it",
             request.id,
@@ -196,8 +201,10 @@ def on_prerun(sender: Any = None, task_id: str | None = None, task: Any = None, 
     redeliver = bool(getattr(task, "acks_late", False) or getattr(task, "retry_on_worker_lost", 0))
     try:
         verdict, fence, backend = rt.group(name).start(task_id, _runner(), redeliver=redeliver)
-    except RedisUnavailable:
-        request.semaphore_unrecorded = True
+    except RedisUnavailable as exc:
+        # Refused: nothing was written. Timed out: the start may still run later in Redis.
+        timed_out = isinstance(exc.cause, redis.TimeoutError)
+        request.semaphore_unrecorded = "unknown" if timed_out else "refused"
         raise
     request.semaphore_verdict = verdict
     request.semaphore_fence = fence if verdict.runs else None
@@ -224,7 +231,8 @@ def on_postrun(
     verdict = getattr(request, "semaphore_verdict", None)
     if verdict is not None and not verdict.runs:
         return  # this run held nothing of its own; releasing would free another's
-    if getattr(request, "semaphore_unrecorded", False) and _header(request, HANDOFF_HEADER) == "1":
+    unrecorded = getattr(request, "semaphore_unrecorded", False)
+    if unrecorded == "refused" and _header(request, HANDOFF_HEADER) == "1":
         return  # skipped: its hold is the one Redis will send again
     rt.release(name, task_id, getattr(request, "semaphore_fence", None))
 

@@ -1,14 +1,30 @@
-"""Slots: the unit of concurrency a :class:`~celery_semaphore.Scheduler` fills with tasks."""
+"""Slots: the unit of concurrency a :class:`~celery_semaphore.Scheduler` fills with tasks,
+and the validation of a slot configuration list."""
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+import dataclasses
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, ClassVar
 
-from .backends.base import AbstractBackend
+from .backends.base import AbstractBackend, resolve_backend, resolve_class
+from .config import check_name, check_seconds
+from .errors import ConfigurationError
 from .group import Claimed, Group
 
-__all__ = ["AbstractSlot", "RedisSlot"]
+__all__ = [
+    "DEFAULT_SLOT_TIMEOUT_S",
+    "AbstractSlot",
+    "RedisSlot",
+    "SlotConfig",
+    "parse_slot_configs",
+]
+
+#: Seconds a slot's task may go without a keepalive before it is stopped.
+DEFAULT_SLOT_TIMEOUT_S = 300.0
+DEFAULT_SEMAPHORE = "slots"
+_REQUIRED = ("backends", "slot_cls", "slot_id")
+_ALLOWED = {*_REQUIRED, "timeout", "semaphore"}
 
 
 class AbstractSlot:
@@ -78,3 +94,67 @@ class RedisSlot(AbstractSlot):
             lease_ms=int(self.timeout_s * 1000),
             limit=self.size,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotConfig:
+    """One validated entry of a slot configuration list."""
+
+    slot_id: Hashable
+    backends: tuple[type[AbstractBackend], ...]
+    slot_cls: type[AbstractSlot]
+    timeout_s: float
+    semaphore: str
+
+
+def parse_slot_configs(configs: object, setting: str = "slots") -> list[SlotConfig]:
+    """Validate a whole slot configuration list before anything runs.
+
+    Raises:
+        ConfigurationError: a missing or unknown key, a duplicate ``slot_id``, an unknown
+            backend or slot class (the message lists the known names), a backend that does
+            not override ``start_callback``, a bad timeout.
+    """
+    if not isinstance(configs, (list, tuple)):
+        raise ConfigurationError(f"{setting} must be a list of slot dicts, got {configs!r}")
+    parsed: list[SlotConfig] = []
+    seen: set[Hashable] = set()
+    for index, entry in enumerate(configs):
+        where = f"{setting}[{index}]"
+        if not isinstance(entry, Mapping):
+            raise ConfigurationError(f"{where} must be a dict, got {entry!r}")
+        missing = [key for key in _REQUIRED if key not in entry]
+        if missing:
+            raise ConfigurationError(f"{where} is missing {', '.join(map(repr, missing))}")
+        unknown = sorted(set(entry) - _ALLOWED)
+        if unknown:
+            raise ConfigurationError(
+                f"{where} has unknown keys {unknown}; allowed: {sorted(_ALLOWED)}"
+            )
+        slot_id = entry["slot_id"]
+        if not isinstance(slot_id, Hashable) or slot_id in seen:
+            raise ConfigurationError(f"{where}: duplicate or unhashable slot_id {slot_id!r}")
+        seen.add(slot_id)
+        refs = entry["backends"]
+        if isinstance(refs, (str, type)) or not isinstance(refs, Sequence) or not refs:
+            raise ConfigurationError(f"{where}: 'backends' must be a non-empty list, got {refs!r}")
+        parsed.append(
+            SlotConfig(
+                slot_id=slot_id,
+                backends=tuple(resolve_backend(ref, f"{where}.backends") for ref in refs),
+                slot_cls=resolve_class(
+                    entry["slot_cls"],
+                    AbstractSlot.registry,
+                    AbstractSlot,
+                    "slot class",
+                    f"{where}.slot_cls",
+                ),
+                timeout_s=check_seconds(
+                    f"{where}.timeout", entry.get("timeout", DEFAULT_SLOT_TIMEOUT_S), 1.0
+                ),
+                semaphore=check_name(
+                    f"{where}.semaphore", entry.get("semaphore", DEFAULT_SEMAPHORE)
+                ),
+            )
+        )
+    return parsed

@@ -20,7 +20,17 @@ from .config import (
 )
 from .errors import ConfigurationError
 
-__all__ = ["SPEC_ATTR", "CallSpec", "GateSpec", "TaskGates", "resolve", "specs_of"]
+__all__ = [
+    "SPEC_ATTR",
+    "CallSpec",
+    "GateSpec",
+    "TaskGates",
+    "call_spec",
+    "check_agreement",
+    "check_weight",
+    "resolve",
+    "specs_of",
+]
 
 #: Attribute that carries a task's gate specs (on the task, or on its run function).
 SPEC_ATTR = "__semaphore_spec__"
@@ -121,6 +131,40 @@ def resolve(task_name: str, specs: tuple[GateSpec, ...], settings: Settings) -> 
     return TaskGates(
         task_name, specs, names, groups[0], tuple(limits), check_lease("lease", lease_s)
     )
+
+
+def check_agreement(
+    task: str,
+    specs: tuple[GateSpec, ...],
+    group: str | None,
+    other_task: str,
+    other_specs: tuple[GateSpec, ...],
+    other_group: str | None,
+) -> None:
+    """Refuse two tasks that configure a gate they share differently.
+
+    ``group`` / ``other_group`` are the resolved groups when known, else ``None`` (then only
+    the groups the decorators name are compared).
+
+    Raises:
+        ConfigurationError: a shared gate gets two limits, or lives in two groups.
+    """
+    for spec in specs:
+        for other in other_specs:
+            if spec.gate is None or spec.gate != other.gate:
+                continue
+            if None not in (spec.limit, other.limit) and spec.limit != other.limit:
+                raise ConfigurationError(
+                    f"gate {spec.gate!r} gets limit {spec.limit} from {task} but {other.limit} "
+                    f"from {other_task}; give it one limit (or set it only in semaphore_limits)"
+                )
+            mine = group if group is not None else spec.group
+            theirs = other_group if other_group is not None else other.group
+            if None not in (mine, theirs) and mine != theirs:
+                raise ConfigurationError(
+                    f"gate {spec.gate!r} is in group {mine!r} for {task} but in {theirs!r} for "
+                    f"{other_task}; a gate lives in one group: set semaphore_groups"
+                )
 
 
 @dataclasses.dataclass(frozen=True)

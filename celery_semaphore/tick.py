@@ -16,6 +16,7 @@ from celery.utils.log import get_logger
 from .config import DEFAULTS, check_seconds
 from .group import Reclaimed
 from .message import Envelope
+from .results import record_dropped, record_never_started
 from .runtime import Runtime, runtime_for
 
 __all__ = ["TICK_TASK", "register_tick", "run_tick"]
@@ -41,7 +42,7 @@ def run_tick(rt: Runtime) -> dict[str, dict[str, int]]:
         for row in outcome.reclaimed:
             timed_out += _report(rt, name, row)
         for task_id, runner in outcome.dropped:
-            rt.record_dropped(name, task_id, runner)
+            record_dropped(rt.app, name, task_id, runner)
         started = rt.dispatch(name, outcome.grants, outcome.malformed)
         if scheduler is not None:
             started += scheduler.fill(name)
@@ -78,7 +79,7 @@ def _report(rt: Runtime, group: str, row: Reclaimed) -> int:
             queue,
             row.dispatches,
         )
-        rt.record_never_started(group, row.task_id, queue, row.dispatches)
+        record_never_started(rt.app, group, row.task_id, queue, row.dispatches)
         return 0
     logger.warning(
         "gate group %r: the lease of call %s expired (state %s, runner %s); its worker died or "
