@@ -9,19 +9,24 @@ from .backends import AbstractBackend, GatedCalls, TaskBackend
 from .decorator import gated
 from .errors import (
     AcceptanceUnknown,
+    AcquireTimeout,
     CallDropped,
     ConfigurationError,
     DuplicateCall,
+    GateFull,
     LeaseLost,
     NeverStarted,
     RedisUnavailable,
     ScriptError,
     SemaphoreError,
+    WaitTimeout,
 )
 from .extension import cancel, install
 from .group import Acquired, Group, Started
+from .recurring import Recurring, recurring
 from .runtime import Runtime, runtime_for
 from .scheduler import Scheduler
+from .semaphore import Hold, Semaphore
 from .signals import current_fence, holds_slot, require_slot
 from .slot import AbstractSlot, RedisSlot
 from .spec import GateSpec
@@ -37,6 +42,10 @@ __all__ = [
     "current_fence",
     "holds_slot",
     "require_slot",
+    "Semaphore",
+    "Hold",
+    "recurring",
+    "Recurring",
     "runtime_for",
     "Runtime",
     "GateSpec",
@@ -58,6 +67,9 @@ __all__ = [
     "RedisUnavailable",
     "AcceptanceUnknown",
     "DuplicateCall",
+    "GateFull",
+    "WaitTimeout",
+    "AcquireTimeout",
     "LeaseLost",
     "CallDropped",
     "NeverStarted",

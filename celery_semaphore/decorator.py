@@ -15,14 +15,17 @@ from .config import check_lease, check_limit, check_name, check_priority
 from .errors import ConfigurationError
 from .extension import install, install_if_gated
 from .signals import guard
-from .spec import SPEC_ATTR, GateSpec, check_weight, specs_of
+from .spec import SPEC_ATTR, GateSpec, check_overflow, check_weight, specs_of
 
 __all__ = ["gated"]
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
-_OPTIONS = ("limit", "lease", "priority", "key", "key_limit", "key_limits", "weight", "group")
+_OPTIONS = (
+    "limit", "lease", "priority", "key", "key_limit", "key_limits", "weight", "group",
+    "max_pending", "on_full", "wait_timeout",
+)  # fmt: skip
 
 
 @overload
@@ -42,6 +45,9 @@ def gated(
     key_limits: Mapping[str, int] | None = None,
     weight: int | Callable[..., int] = 1,
     group: str | None = None,
+    max_pending: int | None = None,
+    on_full: str | None = None,
+    wait_timeout: float | None = None,
 ) -> Callable[[T], T]: ...
 
 
@@ -66,6 +72,14 @@ def gated(name: Any = None, /, **options: Any) -> Any:
         weight: units a call takes: an int, or a function of the call's arguments.
         group: the group (Redis hash tag) of the gate; gates stacked on one task must share
             one; by default ``semaphore_groups[name]``, else the gate's own name.
+        max_pending: at most this many calls wait for room (per key when the gate has keys);
+            ``on_full`` says what happens to a call that finds no room beyond that.
+        on_full: ``"park"`` (default: park anyway, warn once a minute), ``"reject"`` (the
+            caller's ``.delay()`` raises ``GateFull``), ``"drop"`` (accepted, ends FAILURE with
+            ``GateFull`` at once), ``"replace"`` (the newest call replaces the oldest waiting
+            one of its key, which ends REVOKED).
+        wait_timeout: seconds a call may wait for room; then it ends FAILURE with
+            ``WaitTimeout`` (within one tick interval) and never runs.
 
     Returns:
         The task (or function), unchanged apart from its gate.
@@ -121,6 +135,10 @@ def _spec(gate: str | None, options: dict[str, Any]) -> GateSpec:
     if not callable(weight):
         check_weight(label, weight, limit if limit is not None else -1)
     group = options.get("group")
+    check_overflow(
+        where, options.get("max_pending"), options.get("on_full"), options.get("wait_timeout")
+    )
+    wait_timeout = options.get("wait_timeout")
     return GateSpec(
         gate=gate,
         limit=limit,
@@ -131,6 +149,9 @@ def _spec(gate: str | None, options: dict[str, Any]) -> GateSpec:
         key_limits=pairs,
         weight=weight,
         group=None if group is None else check_name(f"{where}: group", group),
+        max_pending=options.get("max_pending"),
+        on_full=options.get("on_full"),
+        wait_timeout_s=None if wait_timeout is None else float(wait_timeout),
     )
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 __all__ = [
     "AcceptanceUnknown",
+    "AcquireTimeout",
+    "GateFull",
+    "WaitTimeout",
     "CallDropped",
     "ConfigurationError",
     "DuplicateCall",
@@ -162,6 +165,70 @@ class NeverStarted(SemaphoreError):
             f"{self.attempts} times and never started: no worker consumes that queue or accepts "
             "the message (check the worker's -Q and accept_content)"
         )
+
+
+class GateFull(SemaphoreError):
+    """A call found no room while its gate already had ``max_pending`` calls waiting.
+
+    Raised to the caller with ``on_full="reject"`` (nothing was stored), or recorded as the
+    result of the call with ``on_full="drop"``.
+
+    Attributes:
+        gate: the gate's name.
+        limit: its limit in force.
+        pending: how many calls were waiting.
+    """
+
+    def __init__(self, gate: str, limit: int, pending: int) -> None:
+        super().__init__(gate, limit, pending)
+        self.gate = gate
+        self.limit = limit
+        self.pending = pending
+
+    def __str__(self) -> str:
+        return (
+            f"gate {self.gate!r} is full: {self.pending} calls wait already (max_pending) and "
+            f"its limit of {self.limit} is taken; the call was not kept"
+        )
+
+
+class WaitTimeout(SemaphoreError):
+    """Recorded as the result of a call that waited for room longer than its ``wait_timeout``.
+
+    Attributes:
+        gate: the gate's name.
+        task_id: the call.
+        waited_s: how long it waited.
+    """
+
+    def __init__(self, gate: str, task_id: str, waited_s: float) -> None:
+        super().__init__(gate, task_id, waited_s)
+        self.gate = gate
+        self.task_id = task_id
+        self.waited_s = waited_s
+
+    def __str__(self) -> str:
+        return (
+            f"call {self.task_id} waited {self.waited_s:.1f} s for room of gate {self.gate!r} "
+            "(its wait_timeout) and was given up; it never ran"
+        )
+
+
+class AcquireTimeout(SemaphoreError):
+    """``Semaphore.acquire(timeout=...)`` found no room in time; nothing is held.
+
+    Attributes:
+        gate: the gate's name.
+        timeout_s: how long it waited.
+    """
+
+    def __init__(self, gate: str, timeout_s: float) -> None:
+        super().__init__(gate, timeout_s)
+        self.gate = gate
+        self.timeout_s = timeout_s
+
+    def __str__(self) -> str:
+        return f"no room of gate {self.gate!r} within {self.timeout_s:g} s"
 
 
 class ScriptError(SemaphoreError):

@@ -18,7 +18,7 @@ from . import signals, worker
 from .errors import ConfigurationError
 from .group import Release
 from .publish import Publisher
-from .results import record_revoked
+from .results import cancel_call
 from .runtime import Runtime, runtime_for
 from .scheduler import Scheduler
 from .spec import specs_of
@@ -115,16 +115,4 @@ def cancel(result: Any, app: Celery | None = None) -> str:
     rt = runtime_for(app)
     if rt is None:
         return ""
-    task_id = str(getattr(result, "id", result))
-    groups = set(rt.known_groups())
-    if rt.scheduler is not None:
-        groups.update(rt.scheduler.groups())
-    for name in sorted(groups):
-        state, grants = rt.group(name).cancel(task_id)
-        rt.dispatch(name, grants)
-        if state == "running":
-            return state
-        if state:
-            record_revoked(rt.app, task_id, f"cancelled while {state}")
-            return state
-    return ""
+    return cancel_call(rt, str(getattr(result, "id", result)))

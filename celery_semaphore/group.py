@@ -15,7 +15,17 @@ from typing import Any
 import redis
 
 from .errors import AcceptanceUnknown, RedisUnavailable
-from .outcome import Acquired, Claimed, Grant, Malformed, Reclaim, Reclaimed, Release, Started
+from .outcome import (
+    Acquired,
+    Admission,
+    Claimed,
+    Grant,
+    Malformed,
+    Reclaim,
+    Reclaimed,
+    Release,
+    Started,
+)
 from .scripts import Scripts, code_of
 
 __all__ = [
@@ -36,7 +46,7 @@ __all__ = [
 #: The keys of one group, in the order the scripts receive them (see lua/common.lua).
 KEY_PARTS = (
     "state", "calls", "messages", "holders", "queue", "lanes", "bands", "blocked", "delayed",
-    "usage", "ended", "suspect", "aside", "slots",
+    "usage", "ended", "suspect", "aside", "slots", "pending", "expires",
 )  # fmt: skip
 
 
@@ -128,7 +138,7 @@ class Group:
         delay_ms: int = 0,
         flags: str = "",
         now_ms: int | None = None,
-    ) -> tuple[Acquired, int, list[int], list[Grant]]:
+    ) -> Admission:
         """Grant a call the room it needs now, or keep it (with its message) until it may go.
 
         ``message`` (bytes, or a function that encodes them) is stored only when the call
@@ -144,7 +154,7 @@ class Group:
         def send(payload: bytes) -> Any:
             args = [task_id, call_json, ",".join(map(str, limits)), int(delay_ms), payload, flags]
             reply = self._run(self.scripts.acquire, now_ms, args, task_id)
-            code_of("acquire", reply, (0, 1, 2, 3, 4, 5, 6, 7))
+            code_of("acquire", reply, (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10))
             return reply
 
         eager = bool(flags) or delay_ms > 0 or not callable(message) or self._expect_full
@@ -154,8 +164,12 @@ class Group:
         outcome = Acquired(int(reply[1]))
         self._expect_full = outcome is Acquired.PARKED
         stored = [int(x) if x else 0 for x in _text(reply[3]).split(",")]
-        grants, _ = _split_grants(reply[4:])
-        return outcome, int(reply[2]), stored, grants
+        grants, _ = _split_grants(reply[5:])
+        extra: tuple[Any, ...] = ()
+        if reply[4]:
+            kind = _text(reply[4][0])
+            extra = (kind, _text(reply[4][1]), *reply[4][2:])
+        return Admission(outcome, int(reply[2]), stored, grants, extra)
 
     def start(
         self, task_id: str, runner: str, *, redeliver: bool = False, now_ms: int | None = None
@@ -224,7 +238,8 @@ class Group:
         ]
         grants, malformed = _split_grants(reply[2])
         dropped = [tuple(_text(x).split(" ", 1)) for x in reply[3]]
-        return Reclaim(reclaimed, grants, malformed, [(d[0], d[-1]) for d in dropped])
+        expired = [(_text(i), int(w) / 1000.0, m, _text(g)) for i, w, m, g in reply[4]]
+        return Reclaim(reclaimed, grants, malformed, [(d[0], d[-1]) for d in dropped], expired)
 
     def claim(
         self,

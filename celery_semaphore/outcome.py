@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 __all__ = [
     "Acquired",
+    "Admission",
     "Claimed",
     "Grant",
     "Malformed",
@@ -27,7 +28,10 @@ class Acquired(enum.IntEnum):
     DUPLICATE = 3  # the id is already pending or held: nothing written
     BACKED_UP = 4  # a refused second execution, kept until the running one ends or dies
     DROPPED = 5  # a backup of a call that already ended
-    WAITING = 7  # waits for its start time (countdown / ETA)
+    WAITING = 7  # waits for its start time (countdown / ETA / a retry's countdown)
+    REJECTED = 8  # max_pending reached, on_full="reject": nothing written
+    FULL_DROPPED = 9  # max_pending reached, on_full="drop": nothing written, it ends GateFull
+    RESENT = 10  # a second send of a call granted at its first send, not started: publish a copy
 
 
 class Started(enum.IntEnum):
@@ -53,6 +57,21 @@ class Claimed(enum.IntEnum):
     ALREADY_HELD = 10
     RECOVERING = 11
     ENDED = 12  # the id ran to its end recently: a backend polled it again
+
+
+class Admission(NamedTuple):
+    """The outcome of :meth:`Group.acquire`."""
+
+    outcome: Acquired
+    #: The fence (granted, held) or the number of calls waiting (parked, rejected, dropped).
+    n: int
+    #: The limits in force of the call's gates, as stored in Redis.
+    limits: list[int]
+    #: Calls handed room meanwhile (their start time came): to publish.
+    grants: list[Grant]
+    #: ``("over", pending)`` parked over max_pending; ``("replaced", id, message)`` the older
+    #: parked call this one replaced; else ``()``.
+    extra: tuple[Any, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,3 +132,5 @@ class Reclaim(NamedTuple):
     #: (call id, last runner) of calls whose lease expired ``dropped_after_s`` ago with no
     #: redelivery coming: nothing will finish them unless their result arrived.
     dropped: list[tuple[str, str]]
+    #: (call id, seconds waited, message, gate) of parked calls whose wait_timeout passed.
+    expired: list[tuple[str, float, bytes, str]] = []

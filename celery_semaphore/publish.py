@@ -8,15 +8,17 @@ its serialized message until its start time and room come.
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 from celery._state import get_current_task
 from celery.utils.log import get_logger
 
-from .errors import ConfigurationError, DuplicateCall
+from .errors import ConfigurationError, DuplicateCall, GateFull
 from .group import Acquired
 from .message import CapturingProducer, Envelope
+from .results import fail_call, record_revoked
 from .runtime import HANDOFF_HEADER, Runtime
 from .spec import TaskGates, call_spec
 
@@ -81,7 +83,12 @@ class Publisher:
             getattr(task, "acks_late", False) or getattr(task, "reject_on_worker_lost", False)
         )
         args, kwargs = _arguments(message)
-        spec = call_spec(gates, rt.settings, args, kwargs, options.get("priority"), redeliver)
+        # The gate's own per-call options: taken out, so Celery does not publish them as
+        # message properties.
+        overflow = {k: options.pop(k, None) for k in ("max_pending", "on_full", "wait_timeout")}
+        spec = call_spec(
+            gates, rt.settings, args, kwargs, options.get("priority"), redeliver, **overflow
+        )
         flags = "b" if backup else ""
         current = get_current_task()
         own_run = current is not None and getattr(current.request, "id", None) == task_id
@@ -95,7 +102,7 @@ class Publisher:
 
         def on_task(real_producer: Any, envelope: Envelope) -> Any:
             group = rt.group(gates.group)
-            outcome, _, stored, grants = group.acquire(
+            outcome, pending, stored, grants, extra = group.acquire(
                 task_id,
                 spec.to_json(gates.names),
                 gates.limits,
@@ -106,7 +113,17 @@ class Publisher:
             )
             note_limits(rt, gates, stored)
             rt.dispatch(gates.group, grants)
-            if outcome is Acquired.DUPLICATE:
+            if outcome is Acquired.REJECTED:
+                raise GateFull(gates.gate, stored[0], pending)
+            if outcome is Acquired.FULL_DROPPED:
+                fail_call(rt.app, task_id, GateFull(gates.gate, stored[0], pending), envelope)
+                return None
+            _overflowed(rt, gates, task_id, extra)
+            if outcome is Acquired.RESENT:
+                # The first send's message may never have reached the broker (its caller got
+                # AcceptanceUnknown): publish a copy; only one copy runs (see acquire.lua).
+                envelope.publish(real_producer, envelope.declare)
+            if outcome in (Acquired.DUPLICATE, Acquired.RESENT):
                 raise DuplicateCall(gates.gate, task_id)
             if outcome not in (Acquired.GRANTED, Acquired.HELD):
                 return None  # kept in Redis: published when it is handed room
@@ -145,6 +162,28 @@ def enforce_limits(rt: Runtime, gates: TaskGates) -> None:
             rt.limits_seen.add(name)
             _, grants = rt.group(gates.group).resize(name, limit)
             rt.dispatch(gates.group, grants)
+
+
+_last_warning: dict[str, float] = {}
+
+
+def _overflowed(rt: Runtime, gates: TaskGates, task_id: str, extra: tuple[Any, ...]) -> None:
+    """Report what ``max_pending`` did to a parked call: parked over the cap, or replaced."""
+    if not extra:
+        return
+    if extra[0] == "replaced":
+        victim = str(extra[1])
+        record_revoked(rt.app, victim, f"replaced by call {task_id} (on_full='replace')")
+        return
+    now = time.monotonic()
+    if now - _last_warning.get(gates.gate, -60.0) >= 60.0:  # once a minute per gate
+        _last_warning[gates.gate] = now
+        logger.warning(
+            "gate %r: %s calls wait, more than max_pending; call %s parked anyway (on_full='park')",
+            gates.gate,
+            extra[1],
+            task_id,
+        )
 
 
 def _arguments(message: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:

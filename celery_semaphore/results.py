@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 from celery import Celery, states
+from celery.app.task import Context
+from celery.utils.log import get_logger
+from kombu.serialization import loads
 
 from .errors import CallDropped, NeverStarted
+from .message import Envelope
+from .runtime import Runtime
 
-__all__ = ["record_dropped", "record_failure", "record_never_started", "record_revoked"]
+__all__ = [
+    "cancel_call",
+    "fail_call",
+    "record_dropped",
+    "record_failure",
+    "record_never_started",
+    "record_revoked",
+    "request_of",
+]
+
+logger = get_logger(__name__)
 
 
 def record_failure(app: Celery, task_id: str, exc: BaseException) -> bool:
@@ -37,3 +53,56 @@ def record_revoked(app: Celery, task_id: str, reason: str) -> None:
     """Record REVOKED for a call that will never run."""
     with contextlib.suppress(NotImplementedError):
         app.backend.mark_as_revoked(task_id, reason=reason)
+
+
+def request_of(task_id: str, message: bytes | Envelope) -> Context | None:
+    """Rebuild the request of a call that never ran from its stored message (for errbacks)."""
+    try:
+        envelope = message if isinstance(message, Envelope) else Envelope.decode(message)
+        body = loads(envelope.data, envelope.content_type, envelope.content_encoding, accept=None)
+        args, kwargs, embed = body
+        headers: dict[str, Any] = envelope.publish_kwargs.get("headers") or {}
+    except Exception:  # an unreadable message: the failure is still recorded, without errbacks
+        logger.exception("celery_semaphore: cannot read the message of call %s", task_id)
+        return None
+    return Context(
+        id=task_id,
+        task=headers.get("task"),
+        args=args,
+        kwargs=kwargs,
+        errbacks=embed.get("errbacks"),
+        callbacks=embed.get("callbacks"),
+        chord=embed.get("chord"),
+        root_id=headers.get("root_id"),
+        parent_id=headers.get("parent_id"),
+        group=headers.get("group"),
+        delivery_info={},
+    )
+
+
+def fail_call(app: Celery, task_id: str, exc: BaseException, message: bytes | Envelope) -> None:
+    """End a call that never ran with ``exc``: store FAILURE and run its ``link_error``."""
+    request = request_of(task_id, message)
+    try:
+        app.backend.mark_as_failure(
+            task_id, exc, request=request, call_errbacks=request is not None
+        )
+    except NotImplementedError:  # no result backend: the errbacks still run
+        if request is not None and request.errbacks:
+            app.backend._call_task_errbacks(request, exc, None)
+
+
+def cancel_call(rt: Runtime, task_id: str) -> str:
+    """Cancel a call before its run in whichever group holds it; see ``celery_semaphore.cancel``."""
+    groups = set(rt.known_groups())
+    if rt.scheduler is not None:
+        groups.update(rt.scheduler.groups())
+    for name in sorted(groups):
+        state, grants = rt.group(name).cancel(task_id)
+        rt.dispatch(name, grants)
+        if state == "running":
+            return state
+        if state:
+            record_revoked(rt.app, task_id, f"cancelled while {state}")
+            return state
+    return ""

@@ -26,12 +26,34 @@ from .message import Envelope
 from .scripts import Scripts
 from .spec import TaskGates, check_agreement, resolve, specs_of
 
-__all__ = ["HANDOFF_HEADER", "Runtime", "runtime_for", "runtimes"]
+__all__ = [
+    "HANDOFF_HEADER",
+    "LOCK_MESSAGE",
+    "Runtime",
+    "runtime_for",
+    "recurring_keys",
+    "runtimes",
+    "wake_channel",
+]
 
 logger = get_logger(__name__)
 
 #: Header added to a message published from Redis after it was handed room (not at submit).
 HANDOFF_HEADER = "semaphore_handoff"
+#: The stored "message" of a Semaphore hold: not a task, a process to wake.
+LOCK_MESSAGE = b"semaphore-lock:"
+
+
+def recurring_keys(prefix: str) -> list[str]:
+    """The keys of the recurring schedules (see lua/recur_add.lua)."""
+    tag = f"{{{prefix}:recurring}}"
+    return [f"{tag}:schedules", f"{tag}:due"]
+
+
+def wake_channel(prefix: str, hold_id: str) -> str:
+    """The pub/sub channel a waiting :class:`~celery_semaphore.Semaphore` hold listens on."""
+    return f"{prefix}:granted:{hold_id}"
+
 
 _runtimes: weakref.WeakKeyDictionary[Celery, Runtime] = weakref.WeakKeyDictionary()
 _lock = threading.RLock()
@@ -213,8 +235,19 @@ class Runtime:
                 entry.task_id,
                 entry.raw[:200],
             )
-        if not grants:
+        calls = []
+        for grant in grants:
+            if grant.message.startswith(LOCK_MESSAGE):
+                # A Semaphore hold waiting in a plain process: wake it (it subscribed before it
+                # parked; if it missed this, it finds the grant by polling its record).
+                self.client.publish(
+                    wake_channel(self.settings.key_prefix, grant.task_id), grant.fence
+                )
+            else:
+                calls.append(grant)
+        if not calls:
             return 0
+        grants = calls
         sent = 0
         with self.app.producer_or_acquire() as producer:
             queues = self.app.amqp.queues

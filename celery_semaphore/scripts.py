@@ -15,17 +15,22 @@ from redis.commands.core import Script
 
 from .errors import ScriptError
 
-__all__ = ["NAMES", "Scripts", "source"]
+__all__ = ["NAMES", "STANDALONE", "Scripts", "source"]
 
+#: The scripts of a gate group: each is common.lua followed by its own file.
 NAMES = ("acquire", "start", "release", "keepalive", "reclaim", "claim", "cancel", "resize")
+#: Scripts of the recurring schedules, which stand alone (their keys are not a group's).
+STANDALONE = ("recur_add", "recur_take", "recur_note")
 
 
 @functools.cache
 def source(name: str) -> str:
-    """Return the full text of script ``name`` (the common helpers, then the script)."""
+    """Return the full text of script ``name`` (the common helpers first, for a group's)."""
     folder = resources.files(__package__).joinpath("lua")
-    common = folder.joinpath("common.lua").read_text(encoding="utf-8")
-    return common + "\n" + folder.joinpath(f"{name}.lua").read_text(encoding="utf-8")
+    own = folder.joinpath(f"{name}.lua").read_text(encoding="utf-8")
+    if name in STANDALONE:
+        return own
+    return folder.joinpath("common.lua").read_text(encoding="utf-8") + "\n" + own
 
 
 class Scripts:
@@ -39,9 +44,12 @@ class Scripts:
     claim: Script
     cancel: Script
     resize: Script
+    recur_add: Script
+    recur_take: Script
+    recur_note: Script
 
     def __init__(self, client: redis.Redis) -> None:
-        for name in NAMES:
+        for name in NAMES + STANDALONE:
             setattr(self, name, client.register_script(source(name)))
 
 

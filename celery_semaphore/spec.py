@@ -17,6 +17,7 @@ from .config import (
     check_limit,
     check_name,
     check_priority,
+    check_seconds,
 )
 from .errors import ConfigurationError
 
@@ -27,6 +28,8 @@ __all__ = [
     "TaskGates",
     "call_spec",
     "check_agreement",
+    "check_overflow",
+    "ON_FULL",
     "check_weight",
     "resolve",
     "specs_of",
@@ -65,6 +68,29 @@ class GateSpec:
     key_limits: tuple[tuple[str, int], ...] = ()
     weight: int | Callable[..., int] = 1
     group: str | None = None
+    max_pending: int | None = None
+    on_full: str | None = None
+    wait_timeout_s: float | None = None
+
+
+#: What a call that finds no room does once its gate has ``max_pending`` calls waiting.
+ON_FULL = ("park", "reject", "drop", "replace")
+
+
+def check_overflow(where: str, max_pending: object, on_full: object, wait_timeout: object) -> None:
+    """Validate the overflow options (``None`` = not given).
+
+    Raises:
+        ValueError / TypeError: naming ``where`` and the option.
+    """
+    if max_pending is not None and (
+        isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1
+    ):
+        raise ConfigurationError(f"{where}: max_pending must be an int >= 1, got {max_pending!r}")
+    if on_full is not None and on_full not in ON_FULL:
+        raise ConfigurationError(f"{where}: on_full must be one of {ON_FULL}, got {on_full!r}")
+    if wait_timeout is not None:
+        check_seconds(f"{where}: wait_timeout", wait_timeout)
 
 
 def specs_of(task: Any) -> tuple[GateSpec, ...]:
@@ -177,21 +203,27 @@ class CallSpec:
     priority: int
     lease_ms: int
     redeliver: bool
+    max_pending: int = 0
+    on_full: str = "park"
+    wait_ms: int = 0
 
     def to_json(self, names: tuple[str, ...]) -> str:
         """The record acquire.lua stores (see lua/common.lua)."""
-        return json.dumps(
-            {
-                "gates": list(names),
-                "keys": list(self.keys),
-                "weights": list(self.weights),
-                "key_limits": list(self.key_limits),
-                "priority": self.priority,
-                "lease_ms": self.lease_ms,
-                "redeliver": self.redeliver,
-            },
-            separators=(",", ":"),
-        )
+        record: dict[str, Any] = {
+            "gates": list(names),
+            "keys": list(self.keys),
+            "weights": list(self.weights),
+            "key_limits": list(self.key_limits),
+            "priority": self.priority,
+            "lease_ms": self.lease_ms,
+            "redeliver": self.redeliver,
+        }
+        if self.max_pending:
+            record["max_pending"] = self.max_pending
+            record["on_full"] = self.on_full
+        if self.wait_ms:
+            record["wait_ms"] = self.wait_ms
+        return json.dumps(record, separators=(",", ":"))
 
 
 def call_spec(
@@ -201,6 +233,9 @@ def call_spec(
     kwargs: Mapping[str, Any],
     priority: object = None,
     redeliver: bool = False,
+    max_pending: object = None,
+    on_full: object = None,
+    wait_timeout: object = None,
 ) -> CallSpec:
     """Work out what a call needs from its arguments and options.
 
@@ -236,6 +271,11 @@ def call_spec(
     chosen = priority
     if chosen is None:
         chosen = next((s.priority for s in gates.specs if s.priority is not None), 0)
+    check_overflow(f"gate {gates.gate!r}", max_pending, on_full, wait_timeout)
+    first = gates.specs[0]
+    cap = max_pending if max_pending is not None else first.max_pending
+    policy = on_full if on_full is not None else first.on_full
+    wait_s = wait_timeout if wait_timeout is not None else first.wait_timeout_s
     return CallSpec(
         keys=tuple(keys),
         weights=tuple(weights),
@@ -243,6 +283,9 @@ def call_spec(
         priority=check_priority(f"gate {gates.gate!r}", chosen),
         lease_ms=int(gates.lease_s * 1000),
         redeliver=redeliver,
+        max_pending=int(cap or 0),  # type: ignore[call-overload]
+        on_full=str(policy or "park"),
+        wait_ms=int(float(wait_s) * 1000) if wait_s else 0,  # type: ignore[arg-type]
     )
 
 

@@ -8,18 +8,21 @@ beats) have the effect of one: every step is one script.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from celery import Celery
 from celery.utils.log import get_logger
+from kombu.utils import json
 
 from .config import DEFAULTS, check_seconds
+from .errors import WaitTimeout
 from .group import Reclaimed
 from .message import Envelope
-from .results import record_dropped, record_never_started
-from .runtime import Runtime, runtime_for
+from .results import cancel_call, fail_call, record_dropped, record_never_started
+from .runtime import Runtime, recurring_keys, runtime_for
 
-__all__ = ["TICK_TASK", "register_tick", "run_tick"]
+__all__ = ["TICK_TASK", "fire_recurring", "register_tick", "run_tick"]
 
 logger = get_logger(__name__)
 
@@ -35,6 +38,9 @@ def run_tick(rt: Runtime) -> dict[str, dict[str, int]]:
     if scheduler is not None:
         groups.update(scheduler.groups())
     backoff_ms = int(rt.settings.tick_interval_s * 1000)
+    fired = fire_recurring(rt)
+    if fired:
+        summary["recurring"] = {"fired": fired}
     for name in sorted(groups):
         group = rt.group(name)
         outcome = group.reclaim(backoff_ms=backoff_ms)
@@ -43,11 +49,49 @@ def run_tick(rt: Runtime) -> dict[str, dict[str, int]]:
             timed_out += _report(rt, name, row)
         for task_id, runner in outcome.dropped:
             record_dropped(rt.app, name, task_id, runner)
+        for task_id, waited_s, message, gate in outcome.expired:
+            logger.warning(
+                "gate group %r: call %s waited %.1f s, its wait_timeout; it will not run",
+                name,
+                task_id,
+                waited_s,
+            )
+            fail_call(rt.app, task_id, WaitTimeout(gate, task_id, waited_s), message)
         started = rt.dispatch(name, outcome.grants, outcome.malformed)
         if scheduler is not None:
             started += scheduler.fill(name)
         summary[name] = {"timed_out": timed_out, "started": started}
     return summary
+
+
+def fire_recurring(rt: Runtime, batch: int = 100) -> int:
+    """Send the due occurrences of the recurring schedules; returns how many were sent."""
+    keys = recurring_keys(rt.settings.key_prefix)
+    sent = 0
+    for raw_name, raw, number in rt.scripts.recur_take(keys=keys, args=["", batch]):
+        name = raw_name.decode()
+        doc = json.loads(raw)
+        signature = rt.app.signature(doc["signature"])
+        last_id = doc.get("last_id")
+        gates = rt.gates_of(signature.task)
+        pending = bool(last_id and gates and rt.group(gates.group).record(last_id) is not None)
+        if pending and doc["overlap"] == "skip":
+            logger.info(
+                "recurring %r: occurrence %d skipped, the last one is pending", name, number
+            )
+            rt.scripts.recur_note(keys=keys, args=[name, ""])
+            continue
+        if pending and doc["overlap"] == "replace":
+            cancel_call(rt, last_id)
+        task_id = f"{name}-{number}-{uuid.uuid4().hex[:8]}"
+        try:
+            signature.clone().apply_async(task_id=task_id)
+            sent += 1
+        except Exception:
+            logger.exception("recurring %r: occurrence %d could not be sent; skipped", name, number)
+            task_id = ""
+        rt.scripts.recur_note(keys=keys, args=[name, task_id])
+    return sent
 
 
 def _report(rt: Runtime, group: str, row: Reclaimed) -> int:

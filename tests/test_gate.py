@@ -41,11 +41,12 @@ def send(
     message: bytes | None = None,
     **call: Any,
 ) -> tuple[Acquired, int, list[int], list[Any]]:
-    """Send call ``task_id`` to gate ``g`` (its message names it)."""
-    return acquire(
+    """Send call ``task_id`` to gate ``g`` (its message names it); the first four answers."""
+    admission = acquire(
         group, task_id, message if message is not None else f"m-{task_id}".encode(),
         gate="g", limit=limit, lease_s=LEASE_MS / 1000, now_ms=now_ms, **call,
     )  # fmt: skip
+    return tuple(admission)[:4]  # type: ignore[return-value]
 
 
 def stacked(group: Group, task_id: str, gates: tuple[str, ...], **call: Any) -> Any:
@@ -103,24 +104,43 @@ def test_releasing_twice_or_with_a_stale_fence_frees_nothing(group: Group) -> No
     assert (group.held(), group.used("g")) == (1, 1)
 
 
-def test_a_retry_of_a_holder_keeps_its_hold_and_its_next_start_is_not_a_duplicate(
+def test_an_immediate_retry_keeps_its_hold_and_its_next_start_is_not_a_duplicate(
     group: Group,
 ) -> None:
     fence = send(group, "a")[1]
     assert group.start("a", "w1", now_ms=T0) == (Started.RUN, fence, "")
-    held = send(group, "a", flags="r", delay_ms=60_000, now_ms=T0 + 5)
+    held = send(group, "a", flags="r", now_ms=T0 + 5)
     assert held[:2] == (Acquired.HELD, fence)
-    # The countdown is covered: the lease runs from the retry's start time.
-    assert group.holders()["a"] == T0 + 5 + 60_000 + LEASE_MS
-    assert group.start("a", "w2", now_ms=T0 + 60_005) == (Started.RUN, fence, "")
+    assert group.start("a", "w2", now_ms=T0 + 10) == (Started.RUN, fence, "")
     assert (group.held(), group.used("g")) == (1, 1)
+
+
+def test_a_retry_with_a_countdown_gives_its_hold_back_and_competes_again_at_its_old_place(
+    group: Group,
+) -> None:
+    fence = send(group, "a", limit=1)[1]
+    group.start("a", "w1", now_ms=T0)
+    assert send(group, "b", limit=1, now_ms=T0 + 1)[0] is Acquired.PARKED
+    # a retries with a countdown: its unit goes to b at once, a waits without holding any.
+    assert send(group, "a", limit=1, flags="r", delay_ms=60_000, now_ms=T0 + 5)[0] is (
+        Acquired.WAITING
+    )
+    assert list(group.holders()) == ["b"] and group.record("a")["state"] == "waiting"
+    assert send(group, "c", limit=1, now_ms=T0 + 6)[0] is Acquired.PARKED
+    # Due while b runs: a joins the line ahead of c, which was sent after a first was.
+    group.start("b", "w2", now_ms=T0 + 7)
+    grants = group.release("b", now_ms=T0 + 60_005).grants
+    assert [g.task_id for g in grants] == ["a"] and grants[0].fence > fence
+    assert group.start("a", "w3", now_ms=T0 + 60_006)[0] is Started.RUN
+    assert [g.task_id for g in group.release("a", now_ms=T0 + 60_007).grants] == ["c"]
 
 
 def test_a_second_send_of_a_pending_call_writes_nothing(group: Group) -> None:
     send(group, "a")
     send(group, "b")
     send(group, "c")
-    assert send(group, "a")[:2] == (Acquired.DUPLICATE, 0)
+    # a was granted at its first send: this one publishes a copy (its first may be lost).
+    assert send(group, "a")[:2] == (Acquired.RESENT, group.record("a")["fence"])
     assert send(group, "c")[:2] == (Acquired.DUPLICATE, 0)
     assert (group.held(), group.parked(), group.used("g")) == (2, 1, 2)
 
@@ -325,7 +345,7 @@ def test_leases_are_measured_on_the_redis_clock(group: Group) -> None:
 def test_every_key_of_a_group_shares_one_hash_tag() -> None:
     keys = keys_for("semaphore", "crawler")
     assert {key.split("}")[0] for key in keys} == {"{semaphore:crawler"}
-    assert len(keys) == len(set(keys)) == 14
+    assert len(keys) == len(set(keys)) == 16
 
 
 def test_a_group_at_rest_keeps_only_its_state_hash(

@@ -1,7 +1,8 @@
 -- acquire: a call is sent; grant it the units it needs now, or keep it until it may start.
 -- ARGV[1..3] see common.lua
 -- ARGV[4] call id    the Celery task id
--- ARGV[5] call       JSON: gates, keys, weights, key_limits, priority, lease_ms, redeliver
+-- ARGV[5] call       JSON: gates, keys, weights, key_limits, priority, lease_ms, redeliver,
+--                    and optionally max_pending, on_full, wait_ms
 -- ARGV[6] limits     csv, the configured limit per gate (-1: per-key limits only); seeds a
 --                    gate Redis does not know yet, never changes one it knows
 -- ARGV[7] delay_ms   int, the call's countdown/ETA from now (0 for none)
@@ -15,7 +16,9 @@
 --   7, 0       waiting for its time;   2, fence          a re-send by its own run keeps its hold;
 --   3, 0       the id is already parked, waiting or held: nothing written (DuplicateCall);
 --   4, fence   kept as a backup;       5, 0              a backup of a call that ended;
---   6, 0       it must be kept but no message came: nothing written, send it again.
+--   6, 0       it must be kept but no message came: nothing written, send it again;
+--  10, fence   the id was granted at its first send and has not started: nothing written,
+--              but this send publishes a copy (DuplicateCall), as the first one's may be lost.
 local id = ARGV[4]
 local call = cjson.decode(ARGV[5])
 local limits = split(ARGV[6], ',')
@@ -26,9 +29,10 @@ local out = {}
 
 local names = promote()
 for i, name in ipairs(call.gates) do seed(name, limits[i]) end
+local extra = {}
 local function reply(code, n)
   pump(names, out)
-  local r = {EPOCH, code, n, limits_of(call.gates)}
+  local r = {EPOCH, code, n, limits_of(call.gates), extra}
   for _, g in ipairs(out) do r[#r + 1] = g end
   return r
 end
@@ -51,9 +55,26 @@ if flags == 'b' then
   if rec or redis.call('ZSCORE', K_ENDED, id) then return reply(5, 0) end
 end
 if rec then
+  if flags == 'r' and (rec.state == 'running' or rec.state == 'granted') and delay_ms > 0 then
+    -- A retry with a countdown gives its hold back for the wait, then competes again at its
+    -- old place among the calls of its priority (it keeps its task id and record).
+    if message == '' then return reply(6, 0) end
+    local freed = {gates = {}, keys = {}}
+    ungrant(id, rec, freed)
+    redis.call('ZREM', K_HOLDERS, id)
+    rec.state, rec.retry, rec.slot = 'waiting', true, nil
+    rec.ready_ms = NOW + delay_ms
+    rec.dispatches, rec.seen_twice = 0, nil
+    rec.lease_ms = call.lease_ms
+    save(id, rec)
+    redis.call('ZADD', K_DELAYED, rec.ready_ms, id)
+    redis.call('HSET', K_MESSAGES, id, message)
+    names = concat(names, wake(freed))
+    return reply(7, 0)
+  end
   if flags == 'r' and (rec.state == 'running' or rec.state == 'granted') then
-    -- A retry or a replacement keeps its hold through the countdown; its next start is a
-    -- legitimate one, not a duplicate.
+    -- An immediate retry or a replacement keeps its hold; its next start is a legitimate
+    -- one, not a duplicate.
     rec.state = 'granted'
     rec.ready_ms = 0
     if delay_ms > 0 then rec.ready_ms = NOW + delay_ms end
@@ -61,6 +82,15 @@ if rec then
     save(id, rec)
     redis.call('ZADD', K_HOLDERS, 'GT', math.max(NOW, rec.ready_ms) + rec.lease_ms, id)
     return reply(2, rec.fence)
+  end
+  if flags == '' and rec.state == 'granted' and not rec.backend and (rec.dispatches or 0) == 0
+      and redis.call('HEXISTS', K_MESSAGES, id) == 0 then
+    -- Granted at its first send, which published its message itself: Redis cannot tell
+    -- whether it reached the broker (that caller may have lost the answer in a stall). This
+    -- send publishes a copy; the id is remembered at its end, so only one copy runs.
+    rec.seen_twice = true
+    save(id, rec)
+    return reply(10, rec.fence)
   end
   return reply(3, 0)
 end
@@ -80,9 +110,31 @@ local lane = lane_of(rec)
 local verdict, g, key = 'lane', nil, nil
 if redis.call('HEXISTS', K_LANES, lane) == 0 then
   verdict, g, key = fits(rec, nil, nil)
-  if verdict == 'ok' then return reply(1, grant(id, rec, 'granted')) end
+  if verdict == 'ok' then
+    rec.order = redis.call('HINCRBY', K_STATE, 'seq', 1)
+    return reply(1, grant(id, rec, 'granted'))
+  end
 end
 if message == '' then return reply(6, 0) end
+local cap = tonumber(rec.max_pending) or 0
+if cap > 0 then
+  local pending = pending_of(rec)
+  if pending >= cap then
+    local policy = rec.on_full or 'park'
+    if policy == 'reject' then return reply(8, pending) end
+    if policy == 'drop' then return reply(9, pending) end
+    local victim = lane_head(lane)
+    if policy == 'replace' and victim then
+      -- Debounce: the newest call of a lane takes the place of its oldest waiting call.
+      local old = load(victim)
+      extra = {'replaced', victim, redis.call('HGET', K_MESSAGES, victim) or ''}
+      forget(victim, old)
+      names[#names + 1] = rec.gates[1]
+    else
+      extra = {'over', pending}
+    end
+  end
+end
 redis.call('HSET', K_MESSAGES, id, message)
 if verdict == 'gate' or verdict == 'key' then
   park(id, rec, verdict, g, key)

@@ -28,6 +28,10 @@
 --                                       redelivery coming; due ones are reported dropped
 --   KEYS[13] {prefix:G}:aside     hash  call id -> an entry that could not be read
 --   KEYS[14] {prefix:G}:slots     hash  "<gate>:<n>" -> call id in scheduler slot n
+--   KEYS[15] {prefix:G}:pending   hash  "<gate>" and "<gate>\31<key>" -> parked calls whose
+--                                       first gate (and key) it is (no field at 0), for
+--                                       max_pending
+--   KEYS[16] {prefix:G}:expires   zset  parked call id -> when its wait_timeout ends
 --
 -- A lane is "<gates csv>\31<priority, 3 digits>\31<key per gate, \31-joined>": the calls
 -- that need the same gates and keys at the same priority, first in first out. A lane waits
@@ -37,8 +41,9 @@
 -- and no key of a blocked lane has room.
 --
 -- A call record: state (waiting, parked, granted, running), gates, keys, weights,
--- key_limits, priority, lease_ms, fence, lane, seq, ready_ms, runner, redeliver,
--- dispatches (times handed capacity without starting), seen_twice, backend, slot.
+-- key_limits, priority, lease_ms, fence, lane, seq, order (its place when first sent, kept
+-- by a retry), ready_ms, parked_ms, runner, redeliver, dispatches (times handed capacity
+-- without starting), seen_twice, retry, backend, slot; optional max_pending, on_full, wait_ms.
 --
 -- Every script takes ARGV[1] now_ms ('' for Redis TIME), ARGV[2] the epoch the client saw
 -- last ('' if none), ARGV[3] recovery ms (the longest lease); its own arguments follow.
@@ -48,7 +53,7 @@ if redis.replicate_commands then redis.replicate_commands() end
 local K_STATE, K_CALLS, K_MESSAGES, K_HOLDERS = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_QUEUE, K_LANES, K_BANDS, K_BLOCKED = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local K_DELAYED, K_USAGE, K_ENDED, K_SUSPECT = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
-local K_ASIDE, K_SLOTS = KEYS[13], KEYS[14]
+local K_ASIDE, K_SLOTS, K_PENDING, K_EXPIRES = KEYS[13], KEYS[14], KEYS[15], KEYS[16]
 
 local SEP = string.char(31)
 local BAND = 35184372088832 -- 2^45: one band per gate
@@ -270,9 +275,30 @@ local function ungrant(id, rec, freed)
   end
 end
 
+-- The pending counter a call's max_pending is measured on: its first gate, or that gate's key.
+local function pending_field(rec)
+  local key = rec.keys[1] or ''
+  if key ~= '' then return rec.gates[1] .. SEP .. key end
+  return rec.gates[1]
+end
+
+local function pending_of(rec)
+  return tonumber(redis.call('HGET', K_PENDING, pending_field(rec))) or 0
+end
+
+-- Take a parked call's entry out of the queue and of the counters that follow it.
+local function unqueue(id, rec, member)
+  redis.call('ZREM', K_QUEUE, member)
+  if rec then
+    local field = pending_field(rec)
+    if redis.call('HINCRBY', K_PENDING, field, -1) <= 0 then redis.call('HDEL', K_PENDING, field) end
+  end
+  redis.call('ZREM', K_EXPIRES, id)
+end
+
 -- Remove a parked call from its lane; the lane goes when it is empty.
 local function unpark(id, rec)
-  redis.call('ZREM', K_QUEUE, member_of(rec, id))
+  unqueue(id, rec, member_of(rec, id))
   if not lane_head(rec.lane) then
     local L = load_lane(rec.lane)
     if L then unwait(rec.lane, L) end
@@ -283,10 +309,16 @@ end
 -- Append a call to its lane; a new lane waits where `verdict` says (default: its first gate).
 local function park(id, rec, verdict, g, key)
   rec.lane = lane_of(rec)
-  rec.seq = rec.seq or redis.call('HINCRBY', K_STATE, 'seq', 1)
+  rec.seq = rec.seq or rec.order or redis.call('HINCRBY', K_STATE, 'seq', 1)
+  rec.order = rec.order or rec.seq
   rec.state = 'parked'
+  rec.parked_ms = NOW
   save(id, rec)
   redis.call('ZADD', K_QUEUE, 0, member_of(rec, id))
+  redis.call('HINCRBY', K_PENDING, pending_field(rec), 1)
+  if (tonumber(rec.wait_ms) or 0) > 0 then
+    redis.call('ZADD', K_EXPIRES, NOW + tonumber(rec.wait_ms), id)
+  end
   local L = load_lane(rec.lane)
   if L then return nil end
   L = {priority = rec.priority, turn = redis.call('HINCRBY', K_STATE, 'turn', 1)}
@@ -333,7 +365,7 @@ local function serve(g, lane, out)
   local rec = load(id)
   local message = redis.call('HGET', K_MESSAGES, id)
   if not rec or not message or rec.state ~= 'parked' then
-    redis.call('ZREM', K_QUEUE, m)
+    unqueue(id, rec or nil, m)
     if rec then rec.state = 'aside' end
     set_aside(id, out)
     redis.call('HDEL', K_CALLS, id)
@@ -352,8 +384,8 @@ local function serve(g, lane, out)
     wait_for_key(lane, L, h.name, key)
     return true
   end
-  redis.call('ZREM', K_QUEUE, m)
-  rec.lane, rec.seq, rec.ready_ms = nil, nil, 0
+  unqueue(id, rec, m)
+  rec.lane, rec.seq, rec.ready_ms, rec.parked_ms = nil, nil, 0, nil
   out[#out + 1] = {id, grant(id, rec, 'granted'), message}
   if lane_head(lane) then
     -- Round robin: a served lane goes behind the other lanes of its priority.
@@ -411,7 +443,9 @@ local function promote()
     local rec = load(id)
     if rec and rec.state == 'waiting' then
       rec.ready_ms = 0
-      rec.seq = nil
+      -- A retry keeps its place among the calls of its priority; a call whose start time came
+      -- counts from now.
+      if rec.retry then rec.seq = rec.order else rec.seq, rec.order = nil, nil end
       local name = park(id, rec)
       if name then names[#names + 1] = name end
       names[#names + 1] = rec.gates[1]
@@ -438,4 +472,21 @@ local function limits_of(names)
   local out = {}
   for i, name in ipairs(names) do out[i] = tostring(gate(name).limit or '') end
   return table.concat(out, ',')
+end
+
+-- Parked calls whose wait_timeout passed leave their lanes; returns {id, waited ms, message,
+-- first gate}.
+local function expire(out)
+  local due = redis.call('ZRANGEBYSCORE', K_EXPIRES, '-inf', NOW, 'LIMIT', 0, PROMOTE_BATCH)
+  for _, id in ipairs(due) do
+    local rec = load(id)
+    if rec and rec.state == 'parked' then
+      local message = redis.call('HGET', K_MESSAGES, id) or ''
+      out[#out + 1] = {id, NOW - (tonumber(rec.parked_ms) or NOW), message, rec.gates[1]}
+      forget(id, rec)
+    else
+      redis.call('ZREM', K_EXPIRES, id)
+    end
+  end
+  return out
 end

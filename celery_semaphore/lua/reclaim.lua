@@ -10,9 +10,11 @@
 --                        competes again, behind the calls that waited meanwhile
 -- ARGV[8] window_ms      int, how long a given-up call is remembered (a late copy is refused)
 -- Returns {epoch, {{id, state, runner, fence, backend, slot, redeliver, dispatches, message}...},
---          {{id, fence, message}...}, {"id runner"...}}: reclaimed leases (state is the
+--          {{id, fence, message}...}, {"id runner"...}, {{id, waited ms, message}...}}:
+-- reclaimed leases (state is the
 -- call's state then, or 'waiting' when it will be sent again, or 'abandoned'), handed-off
--- calls, and calls now reported dropped (message: an abandoned call's, else '').
+-- calls, calls now reported dropped (message: an abandoned call's, else ''), and parked calls
+-- whose wait_timeout passed (they left their lanes and never run).
 local expired = redis.call('ZRANGEBYSCORE', K_HOLDERS, '-inf', NOW, 'LIMIT', 0, tonumber(ARGV[4]))
 local grace_ms, max_dispatches = tonumber(ARGV[5]), tonumber(ARGV[6])
 local reclaimed, out = {}, {}
@@ -77,6 +79,7 @@ end
 local due = redis.call('ZRANGEBYSCORE', K_SUSPECT, '-inf', NOW - grace_ms)
 if #due > 0 then redis.call('ZREMRANGEBYSCORE', K_SUSPECT, '-inf', NOW - grace_ms) end
 wake(freed)
+local expired = expire({})
 promote()
 pump(all_gates(), out)
-return {EPOCH, reclaimed, out, due}
+return {EPOCH, reclaimed, out, due, expired}
