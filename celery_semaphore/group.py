@@ -14,6 +14,7 @@ from typing import Any
 
 import redis
 
+from .config import DEFAULTS
 from .errors import AcceptanceUnknown, RedisUnavailable
 from .outcome import (
     Acquired,
@@ -84,9 +85,9 @@ class Group:
         name: str,
         prefix: str = "semaphore",
         url: str = "redis",
-        dedupe_window_s: float = 3600.0,
-        dropped_after_s: float = 60.0,
-        max_dispatches: int = 5,
+        dedupe_window_s: float = DEFAULTS["semaphore_dedupe_window"],
+        dropped_after_s: float = DEFAULTS["semaphore_dropped_after"],
+        max_dispatches: int = DEFAULTS["semaphore_max_dispatches"],
     ) -> None:
         self.client = client
         self.scripts = scripts

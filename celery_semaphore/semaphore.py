@@ -196,7 +196,7 @@ class Semaphore:
                 raise AcquireTimeout(self.name, float(timeout or 0))
         finally:
             pubsub.close()
-        verdict, fence, _ = group.start(hold_id, _runner())
+        verdict, fence, _ = group.start(hold_id, _runner(), redeliver=True)
         if verdict is not Started.RUN:  # reclaimed while we were about to start: try again
             return self.acquire(blocking, timeout)
         return Hold(self, hold_id, fence)

@@ -202,8 +202,10 @@ def on_prerun(sender: Any = None, task_id: str | None = None, task: Any = None, 
     try:
         verdict, fence, backend = rt.group(name).start(task_id, _runner(), redeliver=redeliver)
     except RedisUnavailable as exc:
-        # Refused: nothing was written. Timed out: the start may still run later in Redis.
-        timed_out = isinstance(exc.cause, redis.TimeoutError)
+        # Refused, or a connect timeout: nothing was sent. A read timeout: the start may still
+        # run later in Redis (see Group._run).
+        cause = exc.cause
+        timed_out = isinstance(cause, redis.TimeoutError) and "connecting" not in str(cause)
         request.semaphore_unrecorded = "unknown" if timed_out else "refused"
         raise
     request.semaphore_verdict = verdict

@@ -152,9 +152,14 @@ def register_tick(app: Celery) -> None:
     def schedule(sender: Celery | None = None, **_: Any) -> None:
         # Runs inside Celery's on_after_configure signal, which swallows exceptions: log them.
         try:
-            interval = check_seconds(
-                "semaphore_tick_interval",
-                app.conf.get("semaphore_tick_interval", DEFAULTS["semaphore_tick_interval"]),
+            rt = runtime_for(app)
+            interval = (
+                rt.settings.tick_interval_s
+                if rt is not None
+                else check_seconds(
+                    "semaphore_tick_interval",
+                    app.conf.get("semaphore_tick_interval", DEFAULTS["semaphore_tick_interval"]),
+                )
             )
             app.add_periodic_task(interval, app.signature(TICK_TASK), name=TICK_TASK)
         except Exception:

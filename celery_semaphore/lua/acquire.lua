@@ -123,9 +123,20 @@ if cap > 0 then
     local policy = rec.on_full or 'park'
     if policy == 'reject' then return reply(8, pending) end
     if policy == 'drop' then return reply(9, pending) end
-    local victim = lane_head(lane)
+    -- Debounce: the newest call of its gates and keys takes the place of their oldest
+    -- waiting call, whatever that one's priority (a lane is one priority only).
+    local victim, victim_seq = nil, nil
+    local lane_keys = {}
+    for i = 1, #rec.gates do lane_keys[i] = rec.keys[i] or '' end
+    local lane_gates = table.concat(rec.gates, ',') .. SEP
+    local lane_tail = SEP .. table.concat(lane_keys, SEP)
+    for p = 0, (policy == 'replace') and 255 or -1 do
+      local alike = lane_gates .. string.format('%03d', p) .. lane_tail
+      local head, m = lane_head(alike)
+      local seq = head and string.sub(m, #alike + 2, #alike + 17)
+      if head and (not victim_seq or seq < victim_seq) then victim, victim_seq = head, seq end
+    end
     if policy == 'replace' and victim then
-      -- Debounce: the newest call of a lane takes the place of its oldest waiting call.
       local old = load(victim)
       extra = {'replaced', victim, redis.call('HGET', K_MESSAGES, victim) or ''}
       forget(victim, old)
