@@ -42,6 +42,13 @@ def redis_base() -> Iterator[str]:
 
 
 @pytest.fixture
+def gate_shape() -> str:
+    """How the fault tasks are gated (tests/faultproj.py): ``"plain"``; a module may
+    parametrize it with ``"keyed"`` (work keyed, weighted and stacked with aux)."""
+    return "plain"
+
+
+@pytest.fixture
 def prefix() -> str:
     """A key prefix and queue name of this test alone."""
     return f"t{uuid.uuid4().hex[:10]}"

@@ -339,10 +339,13 @@ class PersistentRedis:
 
 
 @pytest.fixture(name="cluster")
-def cluster_fixture(urls: dict[str, str], prefix: str, tmp_path: Path) -> Iterator[Cluster]:
+def cluster_fixture(
+    urls: dict[str, str], prefix: str, tmp_path: Path, gate_shape: str
+) -> Iterator[Cluster]:
     """Workers and beats of ``tests.faultproj`` for this test; short lease and tick by default."""
     env = dict(os.environ)
     env.update(
+        CS_SHAPE=gate_shape,
         CS_BROKER=urls["broker"],
         CS_BACKEND=urls["backend"],
         CS_SLOTS=urls["slots"],

@@ -19,6 +19,7 @@ import json
 import os
 import signal
 import time
+import zlib
 from typing import Any
 
 import redis
@@ -31,6 +32,13 @@ from celery_semaphore.worker import process_alive
 from .proj import base_app
 
 GATE = "work"
+#: The gate stacked on ``work`` in the ``keyed`` shape.
+AUX = "aux"
+
+
+def key_of(*args: Any, **kwargs: Any) -> str:
+    """The key of a fault call in the ``keyed`` shape: one of three, from its first argument."""
+    return f"k{zlib.crc32(repr(args[:1]).encode()) % 3}"
 
 
 class Probe:
@@ -77,17 +85,48 @@ def create_app(
     prefix: str,
     queue: str,
     limit: int = 1,
+    beta: bool = False,
+    shape: str = "plain",
+    heavy_calls: bool = False,
+    key_limit: int | None = None,
+    aux_limit: int | None = None,
     **conf: Any,
 ) -> Celery:
-    """Build an app whose tasks share the semaphore ``work`` of size ``limit``."""
+    """Build an app whose tasks share the semaphore ``work`` of size ``limit``.
+
+    With ``beta``, two tasks of a gate ``beta`` whose limit is only in the decorator, too.
+    """
     # Fail fast on an unreachable Redis, and no prefetch beyond the run (kills hit one task).
     settings = {"semaphore_redis_timeout": 2.0, "worker_prefetch_multiplier": 1, **conf}
+    if shape == "keyed":
+        settings["semaphore_groups"] = {GATE: GATE, AUX: GATE}
+    key_limit = key_limit or limit
+    aux_limit = aux_limit or limit
     app = base_app(
         name, broker=broker, backend=backend, slots_url=slots_url, prefix=prefix, queue=queue,
         limit=limit, **settings,
     )  # fmt: skip
     probe = Probe(probe_url, prefix)
     app.probe = probe  # type: ignore[attr-defined]
+
+    def work_gate() -> Any:
+        """The gate of the fault tasks: ``work`` alone, or (shape ``keyed``) ``work`` with a
+        key, a key limit and weights, stacked with ``aux`` in the same group."""
+        if shape != "keyed":
+            return gated(GATE)
+
+        def stack(task: Any) -> Any:
+            keyed = gated(GATE, key=key_of, key_limit=key_limit, weight=weight_of)
+            return keyed(gated(AUX, limit=aux_limit)(task))
+
+        return stack
+
+    def weight_of(*args: Any, **kwargs: Any) -> int:
+        # With heavy calls on (the soak), calls of a multiple of 5 ms take two units; else one,
+        # so the fault tests' expected orders hold in the keyed shape too.
+        first = args[0] if args else None
+        heavy = isinstance(first, (int, float)) and int(first) % 5 == 0
+        return 2 if heavy and heavy_calls else 1
 
     def begin(task: Any) -> None:
         req = task.request
@@ -102,7 +141,7 @@ def create_app(
     def finish(task: Any, **fields: Any) -> None:
         probe.record("end", task.request.id, **fields)
 
-    @gated(GATE)
+    @work_gate()
     @app.task(name="fault.sleep", bind=True, shared=False)
     def sleep(self: Any, ms: float = 20) -> float:
         begin(self)
@@ -112,7 +151,7 @@ def create_app(
             finish(self)
         return ms
 
-    @gated(GATE)
+    @work_gate()
     @app.task(name="fault.hang", bind=True, shared=False, default_retry_delay=0.3)
     def hang(self: Any, flag: str, max_s: float = 30.0) -> str:
         """Run until the test sets ``flag`` (or ``max_s`` passed)."""
@@ -125,7 +164,7 @@ def create_app(
             finish(self)
         return "done"
 
-    @gated(GATE)
+    @work_gate()
     @app.task(name="fault.fail", bind=True, shared=False)
     def fail(self: Any) -> None:
         begin(self)
@@ -134,7 +173,7 @@ def create_app(
         finally:
             finish(self)
 
-    @gated(GATE)
+    @work_gate()
     @app.task(name="fault.retry_once", bind=True, shared=False, max_retries=3)
     def retry_once(self: Any, ms: float = 100) -> int:
         begin(self)
@@ -146,7 +185,7 @@ def create_app(
             raise self.retry(countdown=0.3)
         return int(self.request.retries)
 
-    @gated(GATE)
+    @work_gate()
     @app.task(name="fault.soft_limit", bind=True, shared=False, soft_time_limit=0.5)
     def soft_limit(self: Any) -> None:
         begin(self)
@@ -155,7 +194,7 @@ def create_app(
         finally:
             finish(self)
 
-    @gated(GATE)
+    @work_gate()
     @app.task(name="fault.hard_limit", bind=True, shared=False, time_limit=1)
     def hard_limit(self: Any) -> None:
         begin(self)
@@ -164,7 +203,7 @@ def create_app(
         finally:
             finish(self)
 
-    @gated(GATE)
+    @work_gate()
     @app.task(name="fault.outlive_lease", bind=True, shared=False)
     def outlive_lease(self: Any, flag: str, max_s: float = 30.0) -> dict[str, Any]:
         """Run past its lease (on a pool without keepalive), then ask whether it still holds it."""
@@ -178,13 +217,13 @@ def create_app(
             finish(self)
         return {"fence": current_fence(), "lease_lost": lost}
 
-    @gated(GATE)
+    @work_gate()
     @app.task(name="fault.retry_after", bind=True, shared=False, max_retries=3)
-    def retry_after(self: Any, countdown: float) -> int:
+    def retry_after(self: Any, countdown: float, queue: str | None = None) -> int:
         begin(self)
         finish(self)
         if self.request.retries == 0:
-            raise self.retry(countdown=countdown)
+            raise self.retry(countdown=countdown, queue=queue)
         return int(self.request.retries)
 
     # A task a scheduler slot starts (TaskBackend): not @gated, it runs under the slot's header.
@@ -241,26 +280,27 @@ def create_app(
         wrap(app.task(name=f"fault.nest_group{suffix}", bind=True, shared=False)(nest_group))
         wrap(app.task(name=f"fault.nest_chain{suffix}", bind=True, shared=False)(nest_chain))
 
-    # Gate "beta" with its limit only in the decorator, placed above and below @app.task.
-    @gated("beta", limit=2)
-    @app.task(name="fault.beta_above", bind=True, shared=False)
-    def beta_above(self: Any, ms: float = 50) -> float:
-        begin(self)
-        try:
-            time.sleep(ms / 1000.0)
-        finally:
-            finish(self)
-        return ms
+    if beta:  # only where a test asks: the tick would visit the gate "beta" too
+        # Gate "beta" with its limit only in the decorator, placed above and below @app.task.
+        @gated("beta", limit=2)
+        @app.task(name="fault.beta_above", bind=True, shared=False)
+        def beta_above(self: Any, ms: float = 50) -> float:
+            begin(self)
+            try:
+                time.sleep(ms / 1000.0)
+            finally:
+                finish(self)
+            return ms
 
-    @app.task(name="fault.beta_below", bind=True, shared=False)
-    @gated("beta", limit=2)
-    def beta_below(self: Any, ms: float = 50) -> float:
-        begin(self)
-        try:
-            time.sleep(ms / 1000.0)
-        finally:
-            finish(self)
-        return ms
+        @app.task(name="fault.beta_below", bind=True, shared=False)
+        @gated("beta", limit=2)
+        def beta_below(self: Any, ms: float = 50) -> float:
+            begin(self)
+            try:
+                time.sleep(ms / 1000.0)
+            finally:
+                finish(self)
+            return ms
 
     def on_prerun(task_id: str | None = None, task: Any = None, **_: Any) -> None:
         if task is not None and task.app is app and task.name.startswith("fault."):
@@ -309,6 +349,11 @@ def app_from_env(env: os._Environ[str] | dict[str, str]) -> Celery:
         prefix=env["CS_PREFIX"],
         queue=env["CS_QUEUE"],
         limit=int(env.get("CS_LIMIT", "1")),
+        beta=env.get("CS_BETA") == "1",
+        shape=env.get("CS_SHAPE", "plain"),
+        heavy_calls=env.get("CS_HEAVY") == "1",
+        key_limit=int(env.get("CS_KEY_LIMIT", "0")) or None,
+        aux_limit=int(env.get("CS_AUX_LIMIT", "0")) or None,
         **conf,
     )
 

@@ -8,6 +8,7 @@ limit, the final state every accepted call reaches.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -78,6 +79,15 @@ def queued(cluster: Cluster, queue: str | None = None) -> int:
 
 def reserved_ids(cluster: Cluster) -> set[str]:
     found = cluster.app.control.inspect(timeout=0.5).reserved() or {}
+    return {r["id"] for requests in found.values() for r in requests}
+
+
+def taken_ids(cluster: Cluster) -> set[str]:
+    """Ids of the messages every worker runs or holds prefetched."""
+    inspect = cluster.app.control.inspect(timeout=0.5)
+    found = {**(inspect.active() or {})}
+    for host, requests in (inspect.reserved() or {}).items():
+        found[host] = [*found.get(host, []), *requests]
     return {r["id"] for requests in found.values() for r in requests}
 
 
@@ -169,25 +179,61 @@ def test_a_retry_of_a_handed_off_call_whose_start_cannot_reach_redis_still_runs(
     cluster: Cluster, private_redis: PersistentRedis, prefix: str
 ) -> None:
     cluster.configure(CS_SLOTS=private_redis.url, CS_REDIS_TIMEOUT="0.5")
+    later = f"{prefix}-later"
     gate = cluster.gate
     cluster.worker("w1")
     cluster.beat()
     fh = flag()
     holder = call(cluster, "hang", fh)
-    x = call(cluster, "retry_after", 2.0)
+    x = call(cluster, "retry_after", 0, later)
     assert state_of(gate, x.id) == "parked"
     cluster.wait_started(holder.id)
     cluster.probe.set_flag(fh)
-    # x is handed the slot, runs, and retries in 2 s keeping its hold: Redis keeps no message
-    # of it now, so nothing but this retry will run it.
+    # x is handed the slot (its message carries the hand-off mark), runs, and retries at once
+    # keeping its hold, to a queue whose worker starts only once Redis is down: Redis keeps no
+    # message of it, so nothing but this retry will run it.
     wait_for(lambda: cluster.count("postrun", x.id) == 1, 10, "x's first run to retry")
     assert [e["state"] for e in cluster.probe.events("postrun") if e["id"] == x.id] == ["RETRY"]
+    assert queued(cluster, later) == 1
     private_redis.stop()
+    cluster.worker("w2", 1, queues=later)
     assert x.get(timeout=10) == 1
-    assert cluster.count("start", x.id) == 2
     private_redis.start()
     wait_for(lambda: at_rest(gate), cluster.lease + 10, "the gate to come to rest")
     assert x.state == states.SUCCESS and cluster.count("start", x.id) == 2
+
+
+def test_a_handed_off_call_whose_start_times_out_in_a_stall_runs_once(
+    cluster: Cluster, private_redis: PersistentRedis, prefix: str
+) -> None:
+    cluster.configure(CS_SLOTS=private_redis.url, CS_REDIS_TIMEOUT="0.5", CS_LEASE="3")
+    later = f"{prefix}-later"
+    gate = cluster.gate
+    cluster.worker("w1")
+    w2 = cluster.worker("w2", 1, queues=later)
+    cluster.beat()
+    assert call(cluster, "sleep", 10, queue=later).get(timeout=10) == 10  # a warm connection
+    (child,) = w2.children()
+    fh = flag()
+    holder = call(cluster, "hang", fh)
+    x = call(cluster, "sleep", 20, queue=later)
+    cluster.wait_started(holder.id)
+    os.kill(child, signal.SIGSTOP)  # x is handed to w2's child, which starts it only later
+    cluster.probe.set_flag(fh)
+    assert holder.get(timeout=10) == "done"
+    wait_for(lambda: x.id in taken_ids(cluster), 10, "w2 to take x")
+    pid = server_pid(private_redis)
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        # x's start reaches the stalled server and times out: it runs there once resumed.
+        os.kill(child, signal.SIGCONT)
+        wait_for(lambda: cluster.count("postrun", x.id) == 1, 20, "x's delivery to end")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert x.get(timeout=cluster.lease + 10) == 20
+    wait_for(lambda: at_rest(gate), cluster.lease + 10, "the gate to come to rest")
+    assert cluster.count("start", x.id) == 1 and x.state == states.SUCCESS
 
 
 # -- B. a call sent while the gates' Redis stalls -------------------------------------------
@@ -215,10 +261,8 @@ def test_a_call_sent_while_redis_stalls_may_be_accepted_and_a_resend_never_runs_
     assert isinstance(unknown.value, RedisUnavailable)
     # The request sat in the server's buffer and normally ran when the server resumed; the
     # caller sends it again under the same id: refused as a duplicate, or kept now.
-    try:
+    with contextlib.suppress(DuplicateCall):
         call(cluster, "sleep", 10, task_id="stalled")
-    except DuplicateCall:
-        pass
     assert state_of(gate, "stalled") == "parked"
     with pytest.raises(DuplicateCall):
         call(cluster, "sleep", 10, task_id="stalled")
@@ -242,6 +286,40 @@ def test_a_call_sent_while_redis_stalls_may_be_accepted_and_a_resend_never_runs_
     assert AsyncResult("refused", app=cluster.app).state == states.PENDING
 
 
+def test_a_call_granted_while_redis_stalls_runs_once_when_its_caller_sends_it_again(
+    cluster: Cluster, private_redis: PersistentRedis
+) -> None:
+    cluster.configure(CS_SLOTS=private_redis.url, CS_REDIS_TIMEOUT="0.5")
+    gate = cluster.gate
+    # A second send of a call granted at its first send: refused, and a copy is published
+    # (the first one's message may be lost, as below); one copy runs.
+    twice = call(cluster, "sleep", 10, task_id="twice")
+    with pytest.raises(DuplicateCall):
+        call(cluster, "sleep", 10, task_id="twice")
+    assert queued(cluster) == 2
+    cluster.worker("w1")
+    assert twice.get(timeout=20) == 10
+    wait_for(lambda: cluster.count("postrun", "twice") == 2, 10, "the copy to be refused")
+    assert cluster.count("start", "twice") == 1
+
+    # The gate is free: the stalled send is granted when the server resumes, but its caller
+    # got no answer and published nothing.
+    pid = server_pid(private_redis)
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(AcceptanceUnknown):
+            call(cluster, "sleep", 10, task_id="granted")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert state_of(gate, "granted") == "granted" and queued(cluster) == 0
+    with pytest.raises(DuplicateCall):
+        call(cluster, "sleep", 10, task_id="granted")
+    assert AsyncResult("granted", app=cluster.app).get(timeout=20) == 10
+    wait_for(lambda: at_rest(gate), 10, "the gate to come to rest")
+    assert cluster.count("start", "granted") == 1
+
+
 # -- C. a call that can never start ----------------------------------------------------------
 
 
@@ -255,8 +333,9 @@ def test_a_call_no_worker_consumes_ends_never_started_and_the_calls_behind_it_ru
     holder = call(cluster, "hang", fh)
     stuck = call(cluster, "sleep", 10, queue=nowhere)
     doomed = call(cluster, "sleep", 10, queue=nowhere)  # cancelled once handed the slot
+    unreadable = call(cluster, "sleep", 10, serializer="pickle")  # workers accept json only
     behind = [call(cluster, "sleep", 20) for _ in range(5)]
-    assert gate.parked() == 7
+    assert gate.parked() == 8
     cluster.worker("w1")
     cluster.beat()
     cluster.wait_started(holder.id)
@@ -276,9 +355,14 @@ def test_a_call_no_worker_consumes_ends_never_started_and_the_calls_behind_it_ru
     exc = stuck.result
     assert isinstance(exc, NeverStarted), exc
     assert (exc.gate, exc.task_id, exc.queue, exc.attempts) == ("work", stuck.id, nowhere, 2)
+    wait_for(unreadable.ready, 30, "the unreadable call to be given up")
+    exc = unreadable.result
+    assert isinstance(exc, NeverStarted), exc
+    assert (exc.queue, exc.attempts) == (cluster.env["CS_QUEUE"], 2)
     assert queued(cluster, nowhere) == 3  # two sends of the stuck call, one of the cancelled
     wait_for(lambda: at_rest(gate), 10, "the gate to come to rest")
     assert cluster.count("start", stuck.id) == cluster.count("start", doomed.id) == 0
+    assert cluster.count("prerun", unreadable.id) == 0
     # A call in a final state is not cancelled again.
     assert cancel(stuck, cluster.app) == ""
 
@@ -473,8 +557,7 @@ def test_two_schedulers_polling_stale_ids_start_each_id_exactly_once(
         for n in (1, 2, 3)
     ]
     schedulers = [
-        Scheduler({"redis_c": slots, "store": store}, prefix=prefix).load(configs)
-        for _ in range(2)
+        Scheduler({"redis_c": slots, "store": store}, prefix=prefix).load(configs) for _ in range(2)
     ]
     done = threading.Event()
 
@@ -535,9 +618,7 @@ def test_a_task_started_by_a_scheduler_slot_and_delivered_twice_runs_once(
 
     # The same message again (a redelivery) while the first run goes on.
     headers = {"semaphore_gate": "jobs", "semaphore_gates": "jobs"}
-    cluster.app.signature("fault.job", args=(job_id,)).apply_async(
-        task_id=job_id, headers=headers
-    )
+    cluster.app.signature("fault.job", args=(job_id,)).apply_async(task_id=job_id, headers=headers)
     wait_for(lambda: cluster.count("postrun", job_id) == 1, 20, "the second delivery to end")
     assert cluster.count("start", job_id) == 1 and cluster.count("end", job_id) == 0
 
@@ -554,9 +635,7 @@ def test_a_task_started_by_a_scheduler_slot_and_delivered_twice_runs_once(
     late_id = f"job-{flag()}"
     outcome, _ = group.claim("jobs", "1", late_id, "SlotJobs", lease_ms=1000, limit=1)
     assert outcome is Claimed.CLAIMED
-    wait_for(
-        lambda: scheduler.schedule()["jobs"]["timed_out"] == 1, 10, "the slot to time out"
-    )
+    wait_for(lambda: scheduler.schedule()["jobs"]["timed_out"] == 1, 10, "the slot to time out")
     cluster.app.signature("fault.job", args=(late_id,)).apply_async(
         task_id=late_id, headers=headers
     )
@@ -614,6 +693,7 @@ def test_a_second_send_of_a_frozen_signature_raises_duplicate_call_and_the_call_
 def test_a_gate_with_its_limit_only_in_the_decorator_holds_in_prefork_children_both_placements(
     cluster: Cluster,
 ) -> None:
+    cluster.configure(CS_BETA="1")
     worker = cluster.worker("w1", 4)
     began = time.monotonic()
     results = [call(cluster, "beta_below", 50) for _ in range(40)]

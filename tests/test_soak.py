@@ -27,7 +27,8 @@ from celery import states
 from celery_semaphore.group import Group
 
 from .conftest import slot_keys, wait_for
-from .faultkit import Cluster, Worker, cluster_fixture, peak_overlap  # noqa: F401
+from .faultkit import Cluster, Run, Worker, cluster_fixture, peak_overlap  # noqa: F401
+from .faultproj import key_of
 
 CALLS = 300
 LIMIT = 3
@@ -35,6 +36,29 @@ CHILD_KILLS = 10
 MARGIN = 1.0  # seconds beat, the broker and a worker take to send, deliver and run one tick
 
 pytestmark = pytest.mark.slow
+#: The keyed shape: per key at most KEY_LIMIT units of ``work``; at most AUX_LIMIT calls.
+KEY_LIMIT = 2
+AUX_LIMIT = 2
+
+
+@pytest.fixture(params=["plain", "keyed"])
+def gate_shape(request: pytest.FixtureRequest) -> str:
+    """The soak runs with the plain gate, and with ``work`` keyed (3 keys, key limit 2),
+    weighted (1 or 2 units) and stacked with ``aux`` (limit 2) in one group."""
+    return str(request.param)
+
+
+def peak_units(runs: list[Run], units: dict[str, int]) -> int:
+    """The most units held at one instant by the recorded runs (an end before a start)."""
+    points = sorted(
+        [(r.start, units[r.task_id]) for r in runs] + [(r.end, -units[r.task_id]) for r in runs],
+        key=lambda p: (p[0], p[1]),
+    )
+    peak = current = 0
+    for _, step in points:
+        current += step
+        peak = max(peak, current)
+    return peak
 
 
 class HolderWatch:
@@ -147,17 +171,22 @@ def test_a_chaos_soak_never_exceeds_the_limit_and_ends_every_call_in_a_final_sta
     prefix: str,
     seed: int,
     capsys: pytest.CaptureFixture[str],
+    gate_shape: str,
 ) -> None:
     cluster.configure(
         CS_LIMIT=str(LIMIT), CS_LEASE="2", CS_TICK="0.5", CS_ACKS_LATE="1", CS_VISIBILITY="5"
     )
+    keyed = gate_shape == "keyed"
+    if keyed:
+        cluster.configure(CS_KEY_LIMIT=str(KEY_LIMIT), CS_AUX_LIMIT=str(AUX_LIMIT), CS_HEAVY="1")
     rng = random.Random(seed)
     workers = [cluster.worker(name, 4, wait=False) for name in ("w1", "w2")]
     for w in workers:
         cluster.wait_ready(w)
     cluster.beat()
     sleep = cluster.app.tasks["fault.sleep"]
-    assert sleep.delay(10).get(timeout=20) == 10
+    warm_up = sleep.delay(10)
+    assert warm_up.get(timeout=20) == 10
     gate = cluster.gate
     wait_for(lambda: gate.held() == 0, 5, "the warm-up call to release its slot")
     baseline = slot_keys(slots, prefix)
@@ -165,7 +194,8 @@ def test_a_chaos_soak_never_exceeds_the_limit_and_ends_every_call_in_a_final_sta
 
     began = time.monotonic()
     with HolderWatch(gate) as watch:
-        results = [sleep.delay(rng.randint(10, 300)) for _ in range(CALLS)]
+        lengths = [rng.randint(10, 300) for _ in range(CALLS)]
+        results = [sleep.delay(ms) for ms in lengths]
         while chaos.child_kills < CHILD_KILLS or chaos.worker_kills == 0:
             time.sleep(rng.uniform(0.3, 0.8))  # the pace of the chaos, not a wait for a state
             if all(r.ready() for r in results):
@@ -220,7 +250,26 @@ def test_a_chaos_soak_never_exceeds_the_limit_and_ends_every_call_in_a_final_sta
                 else "none measured"
             )
         )
-    assert peak == LIMIT  # invariant 1, over the recorded runs, a killed run ending at its kill
+    if keyed:
+        # Invariant 1 for each gate and key, over the recorded runs, a killed run ending at
+        # its kill: units of work (weights counted), calls through aux, units per key.
+        ms_of = {r.id: ms for r, ms in zip(results, lengths, strict=True)}
+        ms_of[warm_up.id] = 10
+        units = {i: 2 if ms % 5 == 0 else 1 for i, ms in ms_of.items()}
+        per_key = {
+            key: peak_units([r for r in runs if key_of(ms_of[r.task_id]) == key], units)
+            for key in {key_of(ms) for ms in lengths}
+        }
+        with capsys.disabled():
+            print(
+                f"keyed: peak units of work {peak_units(runs, units)} (limit {LIMIT}), peak calls "
+                f"{peak} (aux limit {AUX_LIMIT}), peak units per key {per_key} (limit {KEY_LIMIT})"
+            )
+        assert peak_units(runs, units) == LIMIT
+        assert peak == AUX_LIMIT
+        assert max(per_key.values()) == KEY_LIMIT, per_key
+    else:
+        assert peak == LIMIT  # invariant 1, over the recorded runs, a killed run at its kill
     assert all(s in states.READY_STATES for s in outcome)  # invariant 3
     assert all(isinstance(f, WorkerLostError) for f in failures), failures
     assert late == []  # invariant 2 for every run that was cut
