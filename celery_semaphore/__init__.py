@@ -23,11 +23,11 @@ from .errors import (
 )
 from .extension import cancel, install
 from .group import Acquired, Group, Started
+from .guard import current_fence, holds_slot, require_slot
 from .recurring import Recurring, recurring
 from .runtime import Runtime, runtime_for
 from .scheduler import Scheduler
 from .semaphore import Hold, Semaphore
-from .signals import current_fence, holds_slot, require_slot
 from .slot import AbstractSlot, RedisSlot
 from .spec import GateSpec
 from .tick import TICK_TASK

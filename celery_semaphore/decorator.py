@@ -14,7 +14,7 @@ from celery.local import Proxy
 from .config import check_lease, check_limit, check_name, check_priority
 from .errors import ConfigurationError
 from .extension import install, install_if_gated
-from .signals import guard
+from .guard import guard
 from .spec import SPEC_ATTR, GateSpec, check_overflow, check_weight, specs_of
 
 __all__ = ["gated"]

@@ -70,7 +70,7 @@ class Publisher:
         backup = headers.pop(BACKUP_HEADER, None) == "1"
         # Nor a hand-off mark, which a retry or re-send copies from its run's headers: this
         # message is not published from Redis, and no stored message would replace a run that
-        # the guard skipped for it (see signals.refuse_if_denied).
+        # the guard skipped for it (see guard.refuse_if_denied).
         headers.pop(HANDOFF_HEADER, None)
         extra = options.get("headers")
         if isinstance(extra, dict) and (BACKUP_HEADER in extra or HANDOFF_HEADER in extra):

@@ -15,9 +15,9 @@ from celery import bootsteps, signals
 from celery.utils.log import get_logger
 from celery.worker import state
 
+from .guard import guard
 from .publish import GATES_HEADER, HEADER
 from .runtime import runtime_for
-from .signals import guard
 
 __all__ = ["Keepalive", "gated_requests", "guard_all_tasks", "process_alive"]
 
