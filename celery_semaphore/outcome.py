@@ -108,7 +108,8 @@ class Reclaimed:
 
     ``state`` is ``"running"`` (its worker died or stalled), ``"granted"`` (handed room,
     never started, no message to send again), ``"waiting"`` (it will be sent again),
-    ``"abandoned"`` (handed room ``dispatches`` times without starting: given up), or
+    ``"abandoned"`` (handed room ``dispatches`` times without starting: given up),
+    ``"lock-expired"`` (a Semaphore hold whose waiting process never took it), or
     ``"malformed"``.
     """
 

@@ -95,6 +95,14 @@ def fire_recurring(rt: Runtime, batch: int = 100) -> int:
 
 
 def _report(rt: Runtime, group: str, row: Reclaimed) -> int:
+    if row.state == "lock-expired":
+        logger.warning(
+            "gate group %r: Semaphore hold %s was granted but never taken (its process died "
+            "waiting); its room goes on",
+            group,
+            row.task_id,
+        )
+        return 0
     if row.state == "waiting":
         logger.warning(
             "gate group %r: call %s was handed room but never started (%d times); sent again "

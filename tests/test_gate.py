@@ -755,3 +755,18 @@ def test_racing_clients_never_hold_more_than_the_limit(slots: redis.Redis, prefi
     assert peak[0] == limit
     group = Group(slots, Scripts(slots), "race", prefix=prefix)
     assert (group.used("race"), group.held(), group.parked()) == (0, 0, 0)
+
+
+def test_a_hold_granted_to_a_waiter_that_died_is_given_up_at_its_first_expiry(
+    slots: redis.Redis, prefix: str
+) -> None:
+    g = Group(slots, Scripts(slots), "g", prefix=prefix)
+    acquire(g, "a", b"m", gate="g", limit=1, lease_s=10, now_ms=T0)
+    acquire(g, "lock-x", b"semaphore-lock:lock-x", gate="g", limit=1, lease_s=10, now_ms=T0)
+    acquire(g, "b", b"mb", gate="g", limit=1, lease_s=10, now_ms=T0)
+    assert [x.task_id for x in g.release("a", now_ms=T0 + 1).grants] == ["lock-x"]
+    # Its process died waiting: at the lease's end the room goes on, nothing is sent again.
+    out = g.reclaim(now_ms=T0 + 20_000)
+    assert [(r.task_id, r.state) for r in out.reclaimed] == [("lock-x", "lock-expired")]
+    assert [x.task_id for x in out.grants] == ["b"]
+    assert g.record("lock-x") is None and g.waiting() == 0

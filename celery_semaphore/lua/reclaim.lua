@@ -10,6 +10,7 @@
 --                        competes again, behind the calls that waited meanwhile
 -- ARGV[8] window_ms      int, how long a given-up call is remembered (a late copy is refused)
 -- Returns {epoch, {{id, state, runner, fence, backend, slot, redeliver, dispatches, message}...},
+--          ('lock-expired': a Semaphore hold whose waiter never took it)
 --          {{id, fence, message}...}, {"id runner"...}, {{id, waited ms, message}...}}:
 -- reclaimed leases (state is the
 -- call's state then, or 'waiting' when it will be sent again, or 'abandoned'), handed-off
@@ -38,7 +39,13 @@ for _, id in ipairs(expired) do
       redeliver, rec.dispatches or 0, ''}
     ungrant(id, rec, freed)
     redis.call('ZREM', K_HOLDERS, id)
-    if rec.state == 'granted' and redis.call('HEXISTS', K_MESSAGES, id) == 1 then
+    local message = redis.call('HGET', K_MESSAGES, id)
+    if rec.state == 'granted' and message and string.sub(message, 1, 15) == 'semaphore-lock:' then
+      -- A Semaphore hold granted to a process that never took it (it died waiting): nothing
+      -- sends it again; a waiter that is merely slow finds its record gone and queues anew.
+      row[2] = 'lock-expired'
+      forget(id, rec)
+    elseif rec.state == 'granted' and message then
       -- Handed room but never started: its publisher died, no worker consumes its queue, or
       -- its start could not be recorded (and so it did not run). Send it again later, a
       -- bounded number of times, letting the calls behind it go first meanwhile.
