@@ -49,6 +49,8 @@ class Options:
     backlog: int = 20_000
     #: Bytes of each parked call's message in scenario 7.
     backlog_message: int = 256
+    #: Keys the backlog of scenario 7 is spread over (1: one lane).
+    backlog_keys: int = 1
 
     def calls(self, base: int, minimum: int = 10) -> int:
         """A call count scaled by :attr:`scale`."""

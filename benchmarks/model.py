@@ -24,6 +24,7 @@ from typing import Any
 
 import redis
 
+from celery_semaphore import runtime_for
 from celery_semaphore.group import Acquired, Group, Started
 from celery_semaphore.scripts import Scripts
 from celery_semaphore.server import start_private_redis
@@ -72,20 +73,24 @@ def park_many(
     client: redis.Redis,
     group: Group,
     ids: list[str],
-    body: str,
+    body: str | list[str],
     limits: str,
     message: bytes,
 ) -> None:
     """Park ``ids`` (the gate must be full) with pipelined EVALSHA of the acquire script.
 
+    ``body`` is the call's JSON record, or a list of them taken in turn (call ``i`` gets
+    ``body[i % len(body)]``: calls spread over keys).
+
     Raises:
         BenchError: a call was not parked.
     """
     script = group.scripts.acquire
+    bodies = [body] if isinstance(body, str) else body
     for at in range(0, len(ids), PIPELINE):
         pipe = client.pipeline(transaction=False)
-        for task_id in ids[at : at + PIPELINE]:
-            args = _args(group, task_id, body, limits, 0, message, "")
+        for i, task_id in enumerate(ids[at : at + PIPELINE], at):
+            args = _args(group, task_id, bodies[i % len(bodies)], limits, 0, message, "")
             script(keys=group._keys, args=args, client=pipe)
         for task_id, reply in zip(ids[at : at + PIPELINE], pipe.execute(), strict=True):
             if int(reply[1]) != Acquired.PARKED:
@@ -98,7 +103,9 @@ def _drain_pipelined(
     """Steps ``start..stop-1``: release the oldest holder, start the call it handed room to.
 
     In one FIFO lane step ``j`` releases ``holders[j]`` and hands room to ``parked[j]``,
-    so a whole batch is sent at once and each reply is checked against that order.
+    so a whole batch is sent at once and each reply is checked against that order. Calls
+    parked over K keys in turn (call ``i`` of key ``i % K``) come out in the same order: the
+    lanes are served round robin, each in the order its first call parked.
 
     Raises:
         BenchError: a release freed nothing or handed room to another call than expected.
@@ -139,7 +146,10 @@ def backlog(bench: Bench) -> list[Row]:
     seq_window = min(1_000, window)
     gate = "backlog"
     message = b"x" * opts.backlog_message
-    body = call_json([gate], lease_s=LEASE_S)
+    keys = max(1, opts.backlog_keys)
+    body: str | list[str] = call_json([gate], lease_s=LEASE_S)
+    if keys > 1:
+        body = [call_json([gate], keys=[f"k{k}"], lease_s=LEASE_S) for k in range(keys)]
     with _private_group(gate) as (client, group):
         fillers = [f"fill-{i}" for i in range(limit)]
         for task_id in fillers:
@@ -181,19 +191,26 @@ def backlog(bench: Bench) -> list[Row]:
             return count / (time.perf_counter() - t)
 
         server_us: list[float] = []  # server time per step (both scripts), per window
+        # Per tenth of the drain: [steps, server µs] of its pipelined batches.
+        tenths = [[0, 0.0] for _ in range(10)]
 
         def pipelined(count: int) -> list[float]:
             nonlocal done
             rates = []
             end = done + count
-            usec = _script_usec(client)
+            usec = start_usec = _script_usec(client)
             while done < end:
                 step = min(PIPELINE, end - done)
                 t = time.perf_counter()
                 _drain_pipelined(client, group, holders, ids, done, done + step)
                 rates.append(step / (time.perf_counter() - t))
+                now_usec = _script_usec(client)
+                tenth = tenths[min(9, done * 10 // n)]
+                tenth[0] += step
+                tenth[1] += now_usec - usec
+                usec = now_usec
                 done += step
-            server_us.append((_script_usec(client) - usec) / max(count, 1))
+            server_us.append((usec - start_usec) / max(count, 1))
             return rates
 
         seq_rates.append(sequential(seq_window))
@@ -221,6 +238,7 @@ def backlog(bench: Bench) -> list[Row]:
     rate_first, rate_last = Spread(first).median, Spread(last).median
     drift = rate_last / rate_first
     server_drift = server_us[2] / server_us[0]
+    by_tenth = [us / steps for steps, us in tenths if steps]
     label = "7 backlog"
     facts = {
         "calls_sent": n,
@@ -232,13 +250,16 @@ def backlog(bench: Bench) -> list[Row]:
         "at_rest": at_rest,
         "keys_left": leftover,
         "rate_ratio": drift,
+        "keys": keys,
         "server_us_per_step": [server_us[0], server_us[2]],
+        "server_us_per_step_by_tenth": by_tenth,
     }
     return [
         Row(
             label,
             f"time to park {n:,} calls behind a full gate (pipelined EVALSHA acquire, "
-            f"{PIPELINE} per pipeline)",
+            f"{PIPELINE} per pipeline"
+            + (f"; spread over {keys:,} keys, one lane each)" if keys > 1 else ")"),
             f"{park_s:.1f} s ({n / park_s:,.0f} calls/s)",
             facts=facts,
         ),
@@ -263,8 +284,15 @@ def backlog(bench: Bench) -> list[Row]:
         Row(
             label,
             "drain: Redis time per step (release + start scripts, INFO commandstats), "
-            "first / last window",
-            f"{server_us[0]:.0f} / {server_us[2]:.0f} µs (last / first {server_drift:.2f})",
+            "first / last window; last / first",
+            f"{server_us[0]:.0f} / {server_us[2]:.0f} µs; {server_drift:.2f}",
+            "0.80-1.25 (within 20 %)",
+            verdict(0.8 <= server_drift <= 1.25),
+        ),
+        Row(
+            label,
+            "drain: Redis time per step in each tenth of the drain, the backlog shrinking",
+            " / ".join(f"{us:.0f}" for us in by_tenth) + " µs",
         ),
         Row(
             label,
@@ -378,7 +406,8 @@ def fairness(bench: Bench) -> list[Row]:
     big = opts.calls(10_000, 100)
     small = 10
     rows = []
-    variants = [max(1, limit // 2), limit]
+    # No key limit (round robin between the keys' lanes alone), one below the gate's, equal.
+    variants = [0, max(1, limit // 2), limit]
     label = "8 fairness"
     for key_limit in dict.fromkeys(variants):
         f = _run_fairness(limit, key_limit, big, small)
@@ -390,7 +419,8 @@ def fairness(bench: Bench) -> list[Row]:
             Row(
                 label,
                 f"grants to the big key ({big:,} parked) before the small key's 10th call "
-                f"started; gate limit {limit}, key_limit {key_limit}",
+                f"started; gate limit {limit}, "
+                + (f"key_limit {key_limit}" if key_limit else "key= without key_limit"),
                 f"{f['big_grants_before_small_done']} (calls started {f['calls_completed']:,} / "
                 f"{f['calls_sent']:,}; peak {f['peak_used']}, per key {f['peak_key']})",
                 f"<= {f['bound']} (10 + 2 x limit)",
@@ -398,7 +428,7 @@ def fairness(bench: Bench) -> list[Row]:
                     ok
                     and f["calls_completed"] == f["calls_sent"]
                     and f["peak_used"] == limit
-                    and f["peak_key"] == key_limit
+                    and f["peak_key"] == (key_limit or limit)
                     and f["at_rest"]
                 ),
                 facts=f,
@@ -409,8 +439,11 @@ def fairness(bench: Bench) -> list[Row]:
 
 def _cycles(
     group: Group, gates: list[str], limits: list[int], n: int, keyed: bool, tag: str
-) -> float:
-    """``n`` calls through acquire, start, release, one round trip each; returns calls/s."""
+) -> tuple[float, int]:
+    """``n`` calls through acquire, start, release, one round trip each.
+
+    Returns calls per second and the number of calls that were granted, ran and freed.
+    """
     bodies = [
         call_json(gates, lease_s=LEASE_S)
         if not keyed
@@ -418,6 +451,7 @@ def _cycles(
         for t in range(16 if keyed else 1)
     ]
     lease_ms = int(LEASE_S * 1000)
+    done = 0
     t0 = time.perf_counter()
     for i in range(n):
         task_id = f"{tag}-{i}"
@@ -429,7 +463,8 @@ def _cycles(
             raise BenchError(f"{task_id} did not start")
         if not group.release(task_id).released:
             raise BenchError(f"{task_id} held nothing")
-    return n / (time.perf_counter() - t0)
+        done += 1
+    return n / (time.perf_counter() - t0), done
 
 
 def stacked(bench: Bench) -> list[Row]:
@@ -454,11 +489,12 @@ def stacked(bench: Bench) -> list[Row]:
             run(f"warm-{name}")
         for rep in range(opts.reps):
             for name in rotated(list(variants), rep):
-                rates[name].append(variants[name](f"{name}-{rep}"))
+                rate, done = variants[name](f"{name}-{rep}")
+                rates[name].append(rate)
                 sent += n
-                completed += n
+                completed += done
         at_rest = all(g.held() == 0 and g.parked() == 0 for g in (plain_group, stacked_group))
-        leftover = sorted(k.decode() for k in client.keys("*"))
+        leftover = sorted(k.decode() for k in client.scan_iter(match="*"))
     finally:
         server.stop()
     ratio = ratio_of(rates["stacked"], rates["plain"])
@@ -514,6 +550,13 @@ def _stacked_end_to_end(bench: Bench, facts: dict[str, Any]) -> list[Row]:
             completed += len(batch.records)
     facts["e2e_calls_sent"] = sent
     facts["e2e_calls_completed"] = completed
+    # The stacked calls went through both gates of their group (both known to Redis, both
+    # free again now).
+    group = runtime_for(app).group_of_gate("sapi")  # type: ignore[union-attr]
+    gates: Any = group.client.hget(group.keys["state"], "gates") or b""
+    facts["e2e_stacked_group"] = group.name
+    facts["e2e_stacked_gates"] = sorted(gates.decode().split(","))
+    facts["e2e_stacked_used"] = [group.used("sapi"), group.used("sdb")]
     ratio = ratio_of(runs["stacked"], runs["plain"])
     label = "9 stacked"
     return [

@@ -148,7 +148,7 @@ def redis_cost(bench: Bench) -> list[Row]:
             Row(
                 label,
                 f"round trips per call, {what} ({n} calls)",
-                f"{trips:.2f} ({', '.join(f'{c} {k / n:.2f}' for c, k in client_calls.items())})",
+                f"{trips:.3f} ({', '.join(f'{c} {k / n:.2f}' for c, k in client_calls.items())})",
                 "<= 3, each one script",
                 verdict(trips <= 3.0 and set(client_calls) <= {"evalsha"}),
                 facts=facts,
