@@ -84,6 +84,7 @@ class Runtime:
         self._groups: dict[str, Group] = {}
         #: Gates whose stored limit this process compared with its own (see publish.py).
         self.limits_seen: set[str] = set()
+        self._registered: set[str] = set()
         self._lock = threading.Lock()
         self._scheduler_lock = threading.Lock()
         #: Builds the app's Scheduler (set by ``install``, which owns that layer).
@@ -215,10 +216,26 @@ class Runtime:
         return found
 
     def known_groups(self) -> list[str]:
-        """Every group this app knows: gated tasks, configured limits and scheduler slots."""
+        """Every group this app knows: gated tasks, configured limits, and the groups a
+        :class:`~celery_semaphore.Semaphore` of any process registered in Redis (so beat's
+        tick reclaims a dead holder's unit even where no task names that gate)."""
         groups = {g.group for g in self.task_gates()}
         groups.update(self.settings.groups.get(n, n) for n in self.settings.limits)
+        with contextlib.suppress(redis.RedisError):
+            members = self.client.smembers(self.registry_key)
+            groups.update(m.decode() if isinstance(m, bytes) else str(m) for m in members)
         return sorted(groups)
+
+    @property
+    def registry_key(self) -> str:
+        """The set of groups that Semaphore holds use (outside any group's hash tag)."""
+        return f"{{{self.settings.key_prefix}:registry}}:groups"
+
+    def register_group(self, name: str) -> None:
+        """Record, once per process, that group ``name`` is used by a Semaphore."""
+        if name not in self._registered:
+            self.client.sadd(self.registry_key, name)
+            self._registered.add(name)
 
     # -- sending what Redis handed room -------------------------------------------------
 

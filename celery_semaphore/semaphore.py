@@ -168,6 +168,7 @@ class Semaphore:
                 f"Semaphore({self.name!r}).acquire: timeout must be >= 0, got {timeout!r}"
             )
         rt, group = self.runtime, self.group
+        rt.register_group(group.name)
         hold_id = f"lock-{uuid.uuid4().hex}"
         call = CallSpec(
             keys=("",),

@@ -50,11 +50,14 @@ def redis_ms(client: redis.Redis) -> int:
 
 
 def assert_at_rest(slots: redis.Redis, prefix: str, group: Group) -> None:
-    """Only the state hash is left, and the ended set if it has a TTL."""
+    """Only the state hash is left, the registry of groups Semaphores use (so beat's tick finds
+    them), and the ended set if it has a TTL."""
     wait_for(lambda: group.held() == 0 and group.parked() == 0, 10, "the gate to be free")
     state, ended = f"{{{prefix}:work}}:state", f"{{{prefix}:work}}:ended"
+    registry = f"{{{prefix}:registry}}:groups"
     keys = slot_keys(slots, prefix)
-    assert set(keys) - {ended} == {state}
+    assert set(keys) - {ended} == {state, registry}
+    assert slots.smembers(registry) == {b"work"}
     if ended in keys:
         assert slots.pttl(ended) > 0
 
@@ -286,3 +289,17 @@ def test_acquire_with_a_negative_timeout_is_refused_and_stores_nothing(
     assert "'work'" in str(info.value)
     assert "timeout" in str(info.value)
     assert slot_keys(slots, prefix) == []
+
+
+def test_the_tick_reclaims_a_dead_hold_of_a_gate_that_only_a_semaphore_names(
+    make_app: Callable[..., Celery],
+) -> None:
+    app = make_app(limit=1, semaphore_lease=1.0)
+    sem = Semaphore("solo", app=app, limit=1)  # no task and no setting names this gate
+    hold = sem.acquire()
+    assert hold is not None and sem.held() == 1
+    hold._stop.set()  # its process "dies": no renewal, no release
+    rt = runtime_for(app)
+    assert "solo" in rt.known_groups()  # found through the registry, as beat would
+    wait_for(lambda: run_tick(rt) is not None and sem.held() == 0, 10, "the dead hold's unit")
+    assert sem.acquire(blocking=False) is not None
