@@ -47,7 +47,7 @@ if flags == 'b' then
   -- whose message came back): keep this copy until the first one releases (then it is
   -- dropped) or its lease expires (then reclaim parks it, and the call runs again).
   if rec and rec.state == 'running' then
-    rec.seen_twice = true
+    rec.seen_twice, rec.stored = true, true
     save(id, rec)
     redis.call('HSET', K_MESSAGES, id, message)
     return reply(4, rec.fence)
@@ -65,9 +65,10 @@ if rec then
     rec.state, rec.retry, rec.slot = 'waiting', true, nil
     rec.ready_ms = NOW + delay_ms
     rec.dispatches, rec.seen_twice = 0, nil
-    rec.lease_ms = call.lease_ms
+    rec.lease_ms, rec.stored = call.lease_ms, true
     save(id, rec)
     redis.call('ZADD', K_DELAYED, rec.ready_ms, id)
+    note_due(rec.ready_ms)
     redis.call('HSET', K_MESSAGES, id, message)
     names = concat(names, wake(freed))
     return reply(7, 0)
@@ -101,14 +102,16 @@ if delay_ms > 0 then
   if message == '' then return reply(6, 0) end
   rec.state = 'waiting'
   rec.ready_ms = NOW + delay_ms
+  rec.stored = true
   save(id, rec)
   redis.call('ZADD', K_DELAYED, rec.ready_ms, id)
+  note_due(rec.ready_ms)
   redis.call('HSET', K_MESSAGES, id, message)
   return reply(7, 0)
 end
 local lane = lane_of(rec)
 local verdict, g, key = 'lane', nil, nil
-if redis.call('HEXISTS', K_LANES, lane) == 0 then
+if PARKED == 0 or redis.call('HEXISTS', K_LANES, lane) == 0 then
   verdict, g, key = fits(rec, nil, nil)
   if verdict == 'ok' then
     rec.order = redis.call('HINCRBY', K_STATE, 'seq', 1)
@@ -147,6 +150,7 @@ if cap > 0 then
   end
 end
 redis.call('HSET', K_MESSAGES, id, message)
+rec.stored = true
 if verdict == 'gate' or verdict == 'key' then
   park(id, rec, verdict, g, key)
 else

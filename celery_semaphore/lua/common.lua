@@ -3,7 +3,9 @@
 -- Key schema of one gate group G (one hash tag {prefix:G}: every gate of the group lives on
 -- one Redis Cluster slot, so stacked gates are one atomic step):
 --   KEYS[1]  {prefix:G}:state     hash  epoch, fence, seq, turn, gate_count, gates (csv),
---                                       recover_until, lost:<epoch>; per gate <gate>:limit
+--                                       recover_until, lost:<epoch>, parked (calls in the
+--                                       queue), next_due (earliest start time waiting);
+--                                       per gate <gate>:limit
 --                                       (-1 = per-key limits only), <gate>:used (units held),
 --                                       <gate>:index (its band, 0..255)
 --   KEYS[2]  {prefix:G}:calls     hash  call id -> JSON record (see below)
@@ -43,7 +45,8 @@
 -- A call record: state (waiting, parked, granted, running), gates, keys, weights,
 -- key_limits, priority, lease_ms, fence, lane, seq, order (its place when first sent, kept
 -- by a retry), ready_ms, parked_ms, runner, redeliver, dispatches (times handed capacity
--- without starting), seen_twice, retry, backend, slot; optional max_pending, on_full, wait_ms.
+-- without starting), seen_twice, retry, stored (a message is kept in the messages hash),
+-- backend, slot; optional max_pending, on_full, wait_ms.
 --
 -- Every script takes ARGV[1] now_ms ('' for Redis TIME), ARGV[2] the epoch the client saw
 -- last ('' if none), ARGV[3] recovery ms (the longest lease); its own arguments follow.
@@ -69,8 +72,10 @@ end
 
 local NOW = clock(ARGV[1])
 
-local STATE = redis.call('HMGET', K_STATE, 'epoch', 'recover_until')
+-- parked and next_due let the hot path skip the queue and the delayed set when they are empty.
+local STATE = redis.call('HMGET', K_STATE, 'epoch', 'recover_until', 'parked', 'next_due')
 local EPOCH, RECOVER_UNTIL = STATE[1], STATE[2]
+local PARKED, NEXT_DUE = tonumber(STATE[3]) or 0, tonumber(STATE[4])
 
 -- A client that saw another epoch means the data set was lost (restart without persistence,
 -- flush): units held by calls still running are unknown, so the group admits nothing new
@@ -218,11 +223,13 @@ local function fits(rec, lane, score)
   for i, name in ipairs(rec.gates) do
     local g = gate(name)
     if room(g) < rec.weights[i] then return 'gate', g end
-    local lo = g.index * BAND
-    local best = redis.call('ZRANGEBYSCORE', K_BANDS, lo, '(' .. (lo + BAND), 'WITHSCORES',
-      'LIMIT', 0, 1)
-    if best[1] and best[1] ~= lane and (score == nil or tonumber(best[2]) - lo < score) then
-      return 'gate', g
+    if PARKED > 0 then
+      local lo = g.index * BAND
+      local best = redis.call('ZRANGEBYSCORE', K_BANDS, lo, '(' .. (lo + BAND), 'WITHSCORES',
+        'LIMIT', 0, 1)
+      if best[1] and best[1] ~= lane and (score == nil or tonumber(best[2]) - lo < score) then
+        return 'gate', g
+      end
     end
   end
   for i, name in ipairs(rec.gates) do
@@ -288,7 +295,9 @@ end
 
 -- Take a parked call's entry out of the queue and of the counters that follow it.
 local function unqueue(id, rec, member)
-  redis.call('ZREM', K_QUEUE, member)
+  if redis.call('ZREM', K_QUEUE, member) == 1 then
+    PARKED = math.max(0, redis.call('HINCRBY', K_STATE, 'parked', -1))
+  end
   if rec then
     local field = pending_field(rec)
     if redis.call('HINCRBY', K_PENDING, field, -1) <= 0 then redis.call('HDEL', K_PENDING, field) end
@@ -315,6 +324,7 @@ local function park(id, rec, verdict, g, key)
   rec.parked_ms = NOW
   save(id, rec)
   redis.call('ZADD', K_QUEUE, 0, member_of(rec, id))
+  PARKED = redis.call('HINCRBY', K_STATE, 'parked', 1)
   redis.call('HINCRBY', K_PENDING, pending_field(rec), 1)
   if (tonumber(rec.wait_ms) or 0) > 0 then
     redis.call('ZADD', K_EXPIRES, NOW + tonumber(rec.wait_ms), id)
@@ -334,9 +344,9 @@ end
 local function forget(id, rec)
   if rec and rec.state == 'parked' and rec.lane then unpark(id, rec) end
   redis.call('ZREM', K_HOLDERS, id)
-  redis.call('ZREM', K_DELAYED, id)
+  if not rec or rec.state == 'waiting' then redis.call('ZREM', K_DELAYED, id) end
   redis.call('HDEL', K_CALLS, id)
-  redis.call('HDEL', K_MESSAGES, id)
+  if not rec or rec.stored then redis.call('HDEL', K_MESSAGES, id) end
 end
 
 local function tombstone(id, window_ms)
@@ -400,7 +410,7 @@ end
 
 -- Hand room of the given gates to the lanes waiting for it, best first.
 local function pump(names, out)
-  if recovering() then return out end
+  if PARKED == 0 or recovering() then return out end
   local seen = {}
   for _, name in ipairs(names) do
     local g = gate(name)
@@ -434,9 +444,20 @@ local function wake(freed)
   return freed.gates
 end
 
--- Calls whose start time has come join the end of their lane. Returns gates to pump.
-local function promote()
+-- The earliest start time waiting, kept in the state hash so that most scripts need not
+-- look at the delayed set.
+local function note_due(ms)
+  if not NEXT_DUE or ms < NEXT_DUE then
+    NEXT_DUE = ms
+    redis.call('HSET', K_STATE, 'next_due', ms)
+  end
+end
+
+-- Calls whose start time has come join the end of their lane. Returns gates to pump. Only
+-- when one is due by next_due, unless `always` (the tick, which also repairs next_due).
+local function promote(always)
   local names = {}
+  if not always and (not NEXT_DUE or NEXT_DUE > NOW) then return names end
   local due = redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', NOW, 'LIMIT', 0, PROMOTE_BATCH)
   for _, id in ipairs(due) do
     redis.call('ZREM', K_DELAYED, id)
@@ -455,6 +476,14 @@ local function promote()
       redis.call('HDEL', K_CALLS, id)
       redis.call('HDEL', K_MESSAGES, id)
     end
+  end
+  local first = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
+  if first[1] then
+    NEXT_DUE = tonumber(first[2])
+    redis.call('HSET', K_STATE, 'next_due', first[2])
+  elseif NEXT_DUE then
+    NEXT_DUE = nil
+    redis.call('HDEL', K_STATE, 'next_due')
   end
   return names
 end

@@ -63,6 +63,7 @@ for _, id in ipairs(expired) do
         rec.ready_ms = NOW + tonumber(ARGV[7]) * rec.dispatches
         save(id, rec)
         redis.call('ZADD', K_DELAYED, rec.ready_ms, id)
+        note_due(rec.ready_ms)
       end
     elseif rec.state == 'running' and redis.call('HEXISTS', K_MESSAGES, id) == 1 then
       -- It died (or stalled) while a copy of it waited as its backup: the copy runs instead,
@@ -72,6 +73,7 @@ for _, id in ipairs(expired) do
       rec.ready_ms = NOW
       save(id, rec)
       redis.call('ZADD', K_DELAYED, NOW, id)
+      note_due(NOW)
     else
       if not rec.redeliver and not rec.backend then
         -- Its worker died, or only stalled (a solo pool, a long pause), or a granted call's
@@ -87,6 +89,12 @@ local due = redis.call('ZRANGEBYSCORE', K_SUSPECT, '-inf', NOW - grace_ms)
 if #due > 0 then redis.call('ZREMRANGEBYSCORE', K_SUSPECT, '-inf', NOW - grace_ms) end
 wake(freed)
 local expired = expire({})
-promote()
+promote(true)
+-- Repair the parked counter should it ever drift (an entry removed by hand, say).
+local queued = redis.call('ZCARD', K_QUEUE)
+if queued ~= PARKED then
+  PARKED = queued
+  redis.call('HSET', K_STATE, 'parked', queued)
+end
 pump(all_gates(), out)
 return {EPOCH, reclaimed, out, due, expired}

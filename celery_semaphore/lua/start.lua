@@ -31,16 +31,18 @@ if rec then
     forget(id, rec)
     rec.lane, rec.seq, rec.ready_ms = nil, nil, 0
     rec.runner, rec.redeliver = ARGV[5], ARGV[6] == '1'
-    rec.seen_twice = true
+    rec.seen_twice, rec.stored = true, nil
     return {EPOCH, 1, grant(id, rec, 'running'), backend}
   end
   rec.state = 'running'
   rec.ready_ms = 0
   rec.runner = ARGV[5]
   rec.redeliver = ARGV[6] == '1'
+  -- A message kept in Redis is not needed once the run is recorded (it cannot be sent again).
+  if rec.stored then redis.call('HDEL', K_MESSAGES, id) end
+  rec.stored = nil
   save(id, rec)
   redis.call('ZADD', K_HOLDERS, NOW + rec.lease_ms, id)
-  redis.call('HDEL', K_MESSAGES, id)
   return {EPOCH, 1, rec.fence, backend}
 end
 if redis.call('ZSCORE', K_ENDED, id) then return {EPOCH, 8, 0, ''} end
