@@ -219,12 +219,17 @@ class Runtime:
         """Every group this app knows: gated tasks, configured limits, and the groups a
         :class:`~celery_semaphore.Semaphore` of any process registered in Redis (so beat's
         tick reclaims a dead holder's unit even where no task names that gate)."""
-        groups = {g.group for g in self.task_gates()}
-        groups.update(self.settings.groups.get(n, n) for n in self.settings.limits)
+        groups = set(self.configured_groups())
         with contextlib.suppress(redis.RedisError):
             members = self.client.smembers(self.registry_key)
             groups.update(m.decode() if isinstance(m, bytes) else str(m) for m in members)
         return sorted(groups)
+
+    def configured_groups(self) -> set[str]:
+        """The groups this app's tasks and settings name (every process of the app knows them)."""
+        groups = {g.group for g in self.task_gates()}
+        groups.update(self.settings.groups.get(n, n) for n in self.settings.limits)
+        return groups
 
     @property
     def registry_key(self) -> str:
@@ -232,8 +237,9 @@ class Runtime:
         return f"{{{self.settings.key_prefix}:registry}}:groups"
 
     def register_group(self, name: str) -> None:
-        """Record, once per process, that group ``name`` is used by a Semaphore."""
-        if name not in self._registered:
+        """Record, once per process, that a Semaphore uses group ``name`` (unless the app's
+        tasks or settings name it already: then beat knows it without the registry)."""
+        if name not in self._registered and name not in self.configured_groups():
             self.client.sadd(self.registry_key, name)
             self._registered.add(name)
 
