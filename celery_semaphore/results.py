@@ -94,10 +94,7 @@ def fail_call(app: Celery, task_id: str, exc: BaseException, message: bytes | En
 
 def cancel_call(rt: Runtime, task_id: str) -> str:
     """Cancel a call before its run in whichever group holds it; see ``celery_semaphore.cancel``."""
-    groups = set(rt.known_groups())
-    if rt.scheduler is not None:
-        groups.update(rt.scheduler.groups())
-    for name in sorted(groups):
+    for name in rt.known_groups():
         state, grants = rt.group(name).cancel(task_id)
         rt.dispatch(name, grants)
         if state == "running":

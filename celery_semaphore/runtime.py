@@ -90,14 +90,17 @@ class Runtime:
         #: Builds the app's Scheduler (set by ``install``, which owns that layer).
         self.scheduler_factory: Any = None
         self._scheduler: Any = None
+        self._scheduler_built = False
 
     @property
     def scheduler(self) -> Any:
         """The app's :class:`~celery_semaphore.Scheduler` (built on first use), or ``None``."""
-        if self._scheduler is None and self.scheduler_factory is not None:
+        # Read on every release: once built (or found to be none), no lock and no call.
+        if not self._scheduler_built and self.scheduler_factory is not None:
             with self._scheduler_lock:
-                if self._scheduler is None:
+                if not self._scheduler_built:
                     self._scheduler = self.scheduler_factory(self)
+                    self._scheduler_built = True
         return self._scheduler
 
     @cached_property
@@ -216,10 +219,12 @@ class Runtime:
         return found
 
     def known_groups(self) -> list[str]:
-        """Every group this app knows: gated tasks, configured limits, and the groups a
-        :class:`~celery_semaphore.Semaphore` of any process registered in Redis (so beat's
-        tick reclaims a dead holder's unit even where no task names that gate)."""
+        """Every group this app knows: gated tasks, configured limits, scheduler slots, and the
+        groups a :class:`~celery_semaphore.Semaphore` of any process registered in Redis (so
+        beat's tick reclaims a dead holder's unit even where no task names that gate)."""
         groups = set(self.configured_groups())
+        if self.scheduler is not None:
+            groups.update(self.scheduler.groups())
         with contextlib.suppress(redis.RedisError):
             members = self.client.smembers(self.registry_key)
             groups.update(m.decode() if isinstance(m, bytes) else str(m) for m in members)
@@ -239,8 +244,9 @@ class Runtime:
     def register_group(self, name: str) -> None:
         """Record, once per process, that a Semaphore uses group ``name`` (unless the app's
         tasks or settings name it already: then beat knows it without the registry)."""
-        if name not in self._registered and name not in self.configured_groups():
-            self.client.sadd(self.registry_key, name)
+        if name not in self._registered:
+            if name not in self.configured_groups():
+                self.client.sadd(self.registry_key, name)
             self._registered.add(name)
 
     # -- sending what Redis handed room -------------------------------------------------

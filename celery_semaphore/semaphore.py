@@ -119,9 +119,9 @@ class Semaphore:
     def __repr__(self) -> str:
         return f"<Semaphore {self.name!r}>"
 
-    @property
+    @functools.cached_property
     def group(self) -> Group:
-        """The Redis group the gate lives in."""
+        """The Redis group the gate lives in (resolved once: it does not move)."""
         return self.runtime.group_of_gate(self.name)
 
     @property

@@ -15,7 +15,6 @@ from celery import Celery
 from celery.utils.log import get_logger
 from kombu.utils import json
 
-from .config import DEFAULTS, check_seconds
 from .errors import WaitTimeout
 from .group import Reclaimed
 from .message import Envelope
@@ -34,14 +33,11 @@ def run_tick(rt: Runtime) -> dict[str, dict[str, int]]:
     """One tick over every group the app knows; returns counts per group."""
     summary: dict[str, dict[str, int]] = {}
     scheduler = rt.scheduler
-    groups = set(rt.known_groups())
-    if scheduler is not None:
-        groups.update(scheduler.groups())
     backoff_ms = int(rt.settings.tick_interval_s * 1000)
     fired = fire_recurring(rt)
     if fired:
         summary["recurring"] = {"fired": fired}
-    for name in sorted(groups):
+    for name in rt.known_groups():
         group = rt.group(name)
         outcome = group.reclaim(backoff_ms=backoff_ms)
         timed_out = 0
@@ -160,15 +156,9 @@ def register_tick(app: Celery) -> None:
     def schedule(sender: Celery | None = None, **_: Any) -> None:
         # Runs inside Celery's on_after_configure signal, which swallows exceptions: log them.
         try:
-            rt = runtime_for(app)
-            interval = (
-                rt.settings.tick_interval_s
-                if rt is not None
-                else check_seconds(
-                    "semaphore_tick_interval",
-                    app.conf.get("semaphore_tick_interval", DEFAULTS["semaphore_tick_interval"]),
-                )
-            )
+            rt = runtime_for(app)  # install() made it before it registered the tick
+            assert rt is not None
+            interval = rt.settings.tick_interval_s
             app.add_periodic_task(interval, app.signature(TICK_TASK), name=TICK_TASK)
         except Exception:
             logger.exception("celery_semaphore: could not add %s to the beat schedule", TICK_TASK)

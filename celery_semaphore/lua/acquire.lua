@@ -129,12 +129,10 @@ if cap > 0 then
     -- Debounce: the newest call of its gates and keys takes the place of their oldest
     -- waiting call, whatever that one's priority (a lane is one priority only).
     local victim, victim_seq = nil, nil
-    local lane_keys = {}
-    for i = 1, #rec.gates do lane_keys[i] = rec.keys[i] or '' end
-    local lane_gates = table.concat(rec.gates, ',') .. SEP
-    local lane_tail = SEP .. table.concat(lane_keys, SEP)
+    local alike_rec = {gates = rec.gates, keys = rec.keys}
     for p = 0, (policy == 'replace') and 255 or -1 do
-      local alike = lane_gates .. string.format('%03d', p) .. lane_tail
+      alike_rec.priority = p
+      local alike = lane_of(alike_rec)
       local head, m = lane_head(alike)
       local seq = head and string.sub(m, #alike + 2, #alike + 17)
       if head and (not victim_seq or seq < victim_seq) then victim, victim_seq = head, seq end
