@@ -17,11 +17,14 @@ from .errors import (
     LeaseLost,
     NeverStarted,
     RedisUnavailable,
+    RequirementFailed,
     ScriptError,
     SemaphoreError,
     WaitTimeout,
+    WorkflowError,
 )
 from .extension import cancel, install
+from .graph import GraphvizMissing
 from .group import Acquired, Group, Started
 from .guard import current_fence, holds_slot, require_slot
 from .recurring import Recurring, recurring
@@ -31,6 +34,7 @@ from .semaphore import Hold, Semaphore
 from .slot import AbstractSlot, RedisSlot
 from .spec import GateSpec
 from .tick import TICK_TASK
+from .workflow import Node, Workflow, WorkflowRun
 
 __version__ = "0.2.0"
 
@@ -46,6 +50,9 @@ __all__ = [
     "Hold",
     "recurring",
     "Recurring",
+    "Workflow",
+    "WorkflowRun",
+    "Node",
     "runtime_for",
     "Runtime",
     "GateSpec",
@@ -73,6 +80,9 @@ __all__ = [
     "LeaseLost",
     "CallDropped",
     "NeverStarted",
+    "RequirementFailed",
+    "WorkflowError",
+    "GraphvizMissing",
     "ScriptError",
     "__version__",
 ]

@@ -17,6 +17,8 @@ __all__ = [
     "DEFAULTS",
     "MIN_LEASE_S",
     "Settings",
+    "check_flag",
+    "check_history_ttl",
     "check_limit",
     "check_name",
     "check_priority",
@@ -40,6 +42,8 @@ DEFAULTS: dict[str, Any] = {
     "semaphore_dropped_after": 60.0,
     "semaphore_duplicates": "refuse",
     "semaphore_max_dispatches": 5,
+    "semaphore_history_ttl": 3600.0,
+    "semaphore_track": False,
 }
 
 #: The shortest lease accepted: a keepalive renews every third of it, and a lease shorter than
@@ -94,6 +98,20 @@ def check_lease(name: str, value: object) -> float:
     return check_seconds(name, value, MIN_LEASE_S)
 
 
+def check_history_ttl(value: object) -> float:
+    """Return ``value`` as the seconds an ended call's history is kept (0: not kept)."""
+    if value == 0 and not isinstance(value, bool):
+        return 0.0
+    return check_seconds("semaphore_history_ttl", value)
+
+
+def check_flag(name: str, value: object) -> bool:
+    """Return ``value`` as a bool, or raise naming the setting."""
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def check_priority(where: str, value: object) -> int:
     """Return ``value`` as a priority, an int from 0 to 255 (Celery's message priority range)."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
@@ -146,6 +164,8 @@ class Settings:
     groups: Mapping[str, str] = dataclasses.field(default_factory=dict)
     limit_source: str = DEFAULTS["semaphore_limit_source"]
     max_dispatches: int = DEFAULTS["semaphore_max_dispatches"]
+    history_ttl_s: float = DEFAULTS["semaphore_history_ttl"]
+    track: bool = DEFAULTS["semaphore_track"]
     redis_url_is_broker: bool = False
 
     @classmethod
@@ -238,4 +258,6 @@ class Settings:
                 "semaphore_dropped_after", get("semaphore_dropped_after")
             ),
             max_dispatches=max_dispatches,
+            history_ttl_s=check_history_ttl(get("semaphore_history_ttl")),
+            track=check_flag("semaphore_track", get("semaphore_track")),
         )

@@ -13,7 +13,9 @@ __all__ = [
     "LeaseLost",
     "NeverStarted",
     "RedisUnavailable",
+    "RequirementFailed",
     "ScriptError",
+    "WorkflowError",
     "SemaphoreError",
 ]
 
@@ -212,6 +214,30 @@ class WaitTimeout(SemaphoreError):
             f"call {self.task_id} waited {self.waited_s:.1f} s for room of gate {self.gate!r} "
             "(its wait_timeout) and was given up; it never ran"
         )
+
+
+class RequirementFailed(SemaphoreError):
+    """The result of a call that never ran because a call it required failed.
+
+    Attributes:
+        task: the failed requirement's task name.
+        task_id: the failed requirement's id.
+        error: its exception, as text (a ``RequirementFailed`` itself further down a graph).
+    """
+
+    def __init__(self, task: str, task_id: str, error: str) -> None:
+        super().__init__(task, task_id, error)
+        self.task = task
+        self.task_id = task_id
+        self.error = error
+
+    def __str__(self) -> str:
+        return f"requirement {self.task}[{self.task_id}] failed: {self.error}"
+
+
+class WorkflowError(SemaphoreError, ValueError):
+    """A workflow or a ``requires=`` option that cannot be run: a cycle, a requirement from
+    another app, one that does not exist; nothing was stored."""
 
 
 class AcquireTimeout(SemaphoreError):

@@ -8,6 +8,7 @@ importing the package does none of it.
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any
 
@@ -18,6 +19,7 @@ from . import signals, worker
 from .errors import ConfigurationError
 from .group import Release
 from .publish import Publisher
+from .requires import fail_fast, follow
 from .results import cancel_call
 from .runtime import Runtime, runtime_for
 from .scheduler import Scheduler
@@ -54,6 +56,8 @@ def install(app: Celery) -> Runtime:
         # amqp.send_task_message is a cached_property: an instance attribute replaces it.
         app.amqp.send_task_message = Publisher(rt)
         rt.scheduler_factory = _build_scheduler
+        rt.follow = functools.partial(follow, rt)
+        rt.on_node_failed = functools.partial(fail_fast, rt)
         signals.connect()
         worker.connect_worker_init()
         app.steps["worker"].add(worker.Keepalive)

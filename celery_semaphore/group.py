@@ -20,12 +20,16 @@ from .outcome import (
     Acquired,
     Admission,
     Claimed,
+    Ended,
     Grant,
     Malformed,
+    Notice,
     Reclaim,
     Reclaimed,
     Release,
+    Reply,
     Started,
+    Trace,
 )
 from .scripts import Scripts, code_of
 
@@ -47,7 +51,8 @@ __all__ = [
 #: The keys of one group, in the order the scripts receive them (see lua/common.lua).
 KEY_PARTS = (
     "state", "calls", "messages", "holders", "queue", "lanes", "bands", "blocked", "delayed",
-    "usage", "ended", "suspect", "aside", "slots", "pending", "expires",
+    "usage", "ended", "suspect", "aside", "slots", "pending", "expires", "history", "done",
+    "dependents", "outbox",
 )  # fmt: skip
 
 
@@ -88,6 +93,7 @@ class Group:
         dedupe_window_s: float = DEFAULTS["semaphore_dedupe_window"],
         dropped_after_s: float = DEFAULTS["semaphore_dropped_after"],
         max_dispatches: int = DEFAULTS["semaphore_max_dispatches"],
+        history_s: float = DEFAULTS["semaphore_history_ttl"],
     ) -> None:
         self.client = client
         self.scripts = scripts
@@ -97,8 +103,11 @@ class Group:
         self.dedupe_window_s = dedupe_window_s
         self.dropped_after_s = dropped_after_s
         self.max_dispatches = max_dispatches
+        self.history_ms = int(history_s * 1000)
         self.keys = dict(zip(KEY_PARTS, keys_for(prefix, name), strict=True))
         self._keys = tuple(self.keys.values())
+        #: The group's hash tag, which names it in other groups' dependents lists.
+        self.tag = f"{{{prefix}:{name}}}"
         #: The data set this group last saw (see common.lua); a change means Redis lost data.
         self.epoch = ""
         self.recover_ms = 0
@@ -109,7 +118,8 @@ class Group:
         return f"<Group {self.name!r}>"
 
     def _run(self, script: Any, now_ms: int | None, args: Sequence[Any], task_id: str = "") -> Any:
-        head = ["" if now_ms is None else str(int(now_ms)), self.epoch, self.recover_ms]
+        now = "" if now_ms is None else str(int(now_ms))
+        head = [now, self.epoch, self.recover_ms, self.history_ms]
         try:
             reply = script(keys=self._keys, args=[*head, *args])
         except redis.TimeoutError as exc:
@@ -155,7 +165,7 @@ class Group:
         def send(payload: bytes) -> Any:
             args = [task_id, call_json, ",".join(map(str, limits)), int(delay_ms), payload, flags]
             reply = self._run(self.scripts.acquire, now_ms, args, task_id)
-            code_of("acquire", reply, (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10))
+            code_of("acquire", reply, (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11))
             return reply
 
         eager = bool(flags) or delay_ms > 0 or not callable(message) or self._expect_full
@@ -174,24 +184,39 @@ class Group:
 
     def start(
         self, task_id: str, runner: str, *, redeliver: bool = False, now_ms: int | None = None
-    ) -> tuple[Started, int, str]:
+    ) -> tuple[Started, int, str, bool, list[Reply]]:
         """Mark ``task_id`` running under ``runner``.
 
         ``redeliver`` says the broker brings the call back if its worker dies (``acks_late``),
-        so an expired lease of it is not a dropped call. Returns the verdict, the fence, and
-        the name of the backend that started the call (``""`` for a gated call).
+        so an expired lease of it is not a dropped call. Returns the verdict, the fence, the
+        name of the backend that started the call (``""`` for a gated call), whether calls
+        wait for its end (then its result is wanted), and follow-ups (traces).
         """
         reply = self._run(self.scripts.start, now_ms, [task_id, runner, int(redeliver)])
         verdict = Started(code_of("start", reply, (1, 4, 5, 7, 8)))
-        return verdict, int(reply[2]), _text(reply[3])
+        follow, _ = _split_grants(reply[5:])
+        return verdict, int(reply[2]), _text(reply[3]), bool(int(reply[4])), follow
 
     def release(
-        self, task_id: str, fence: int | None = None, *, now_ms: int | None = None
+        self,
+        task_id: str,
+        fence: int | None = None,
+        *,
+        state: str = "SUCCEEDED",
+        payload: str = "",
+        text: str = "",
+        now_ms: int | None = None,
     ) -> Release:
-        """Give back the hold of ``task_id`` (of grant ``fence`` if given) and hand room on."""
+        """Give back the hold of ``task_id`` (of grant ``fence`` if given) and hand room on.
+
+        ``state`` says how the call ended (SUCCEEDED, FAILED, CANCELLED, DROPPED), for its
+        history and its dependents; ``payload`` is its encoded result or error when dependents
+        want it, ``text`` its error as text.
+        """
         fence_arg = "" if fence is None else str(int(fence))
         window_ms = int(self.dedupe_window_s * 1000)
-        reply = self._run(self.scripts.release, now_ms, [task_id, fence_arg, window_ms])
+        args = [task_id, fence_arg, window_ms, state, payload, text]
+        reply = self._run(self.scripts.release, now_ms, args)
         grants, malformed = _split_grants(reply[4:])
         return Release(bool(int(reply[1])), _text(reply[2]), _text(reply[3]), grants, malformed)
 
@@ -258,20 +283,72 @@ class Group:
         reply = self._run(self.scripts.claim, now_ms, args)
         return Claimed(code_of("claim", reply, (1, 9, 10, 11, 12))), int(reply[2])
 
-    def cancel(self, task_id: str, *, now_ms: int | None = None) -> tuple[str, list[Grant]]:
+    def cancel(
+        self, task_id: str, *, reason: str = "", now_ms: int | None = None
+    ) -> tuple[str, list[Reply]]:
         """Take a call that has not started out of its gates; it will never run.
 
         Returns the state it was in (``""`` when unknown here, ``"running"`` when it runs:
-        nothing was changed then) and the calls handed the room it freed.
+        nothing was changed then) and the calls handed the room it freed (and the calls that
+        required it, cancelled too).
         """
         window_ms = int(self.dedupe_window_s * 1000)
-        reply = self._run(self.scripts.cancel, now_ms, [task_id, window_ms])
+        reply = self._run(self.scripts.cancel, now_ms, [task_id, window_ms, reason])
         grants, _ = _split_grants(reply[3:])
         return _text(reply[2]), grants
 
+    def link(
+        self, requirement: str, dependent_tag: str, dependent: str, *, future: bool = False
+    ) -> tuple[int, str, str, str, str]:
+        """List ``dependent`` (of the group tagged ``dependent_tag``) as waiting for the end of
+        ``requirement`` of this group.
+
+        Returns ``(code, state, payload, error, task)``: code 1 linked (state: the
+        requirement's now), 2 it ended already (state: how; the caller settles the dependent),
+        3 linked ahead of its send (``future``), 0 unknown here (nothing written).
+        """
+        reply = self._run(
+            self.scripts.link, None, [requirement, dependent_tag, dependent, int(future)]
+        )
+        code = code_of("link", reply, (0, 1, 2, 3))
+        return code, _text(reply[2]), _text(reply[3]), _text(reply[4]), _text(reply[5])
+
+    def satisfy(
+        self,
+        dependent: str,
+        requirement: str,
+        state: str,
+        *,
+        payload: str = "",
+        text: str = "",
+        task: str = "",
+    ) -> tuple[bool, list[Reply]]:
+        """Count the end of ``requirement`` for ``dependent`` of this group; returns whether it
+        still waited for it, and the follow-ups (it granted, or ended, and so on)."""
+        args = [dependent, requirement, state, payload, text, task]
+        reply = self._run(self.scripts.satisfy, None, args)
+        follow, _ = _split_grants(reply[2:])
+        return bool(int(reply[1])), follow
+
+    def acknowledge(self, notice: str) -> None:
+        """Forget a notice to another group once that group counted it (see the outbox)."""
+        self._call(self.client.zrem, self.keys["outbox"], notice)
+
+    def history(self, task_id: str) -> dict[str, Any] | None:
+        """A call's story: its live record, or its history once it ended (kept for
+        ``semaphore_history_ttl``); ``None`` when unknown here."""
+        record = self.record(task_id)
+        if record is not None:
+            return record
+        raw = self._call(self.client.hget, self.keys["history"], task_id)
+        try:
+            return json.loads(raw) if raw is not None else None
+        except ValueError:
+            return None
+
     def resize(
         self, gate: str, limit: int, *, now_ms: int | None = None
-    ) -> tuple[int | None, list[Grant]]:
+    ) -> tuple[int | None, list[Reply]]:
         """Set the limit in force of ``gate``; returns the old one and calls handed new room."""
         reply = self._run(self.scripts.resize, now_ms, [gate, int(limit)])
         old = _text(reply[1])
@@ -351,12 +428,27 @@ class Group:
         )
 
 
-def _split_grants(rows: Iterable[Any]) -> tuple[list[Grant], list[Malformed]]:
-    grants: list[Grant] = []
+def _split_grants(rows: Iterable[Any]) -> tuple[list[Reply], list[Malformed]]:
+    grants: list[Reply] = []
     malformed: list[Malformed] = []
-    for task_id, fence, payload in rows:
-        if int(fence) < 0:
-            malformed.append(Malformed(_text(task_id), payload))
+    for row in rows:
+        head = _text(row[0])
+        if head == TAG_TRACE:
+            grants.append(Trace(*(_text(x) for x in row[1:6])))
+        elif head == TAG_END:
+            i, state, task, cause_id, cause_task, cause_text = (_text(x) for x in row[1:7])
+            grants.append(
+                Ended(i, state, task, cause_id, cause_task, cause_text, row[7], bool(int(row[8])))
+            )
+        elif head == TAG_NOTE:
+            grants.append(Notice(*(_text(x) for x in row[1:9])))
+        elif int(row[1]) < 0:
+            malformed.append(Malformed(head, row[2]))
         else:
-            grants.append(Grant(_text(task_id), int(fence), payload))
+            inputs = _text(row[3]) if len(row) > 3 else ""
+            grants.append(Grant(head, int(row[1]), row[2], inputs))
     return grants, malformed
+
+
+#: Tags of the follow-up rows of a script's reply (see lua/common.lua, FOLLOW).
+TAG_TRACE, TAG_END, TAG_NOTE = "\x1et", "\x1eend", "\x1enote"

@@ -18,6 +18,7 @@ from celery.utils.log import get_logger
 
 from .errors import LeaseLost
 from .group import Started
+from .inputs import INPUTS_HEADER, decode_inputs
 from .publish import BACKUP_HEADER, HEADER
 from .runtime import HANDOFF_HEADER, runtime_for
 
@@ -96,10 +97,25 @@ def guard(run: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(run)
     def guarded_run(*args: Any, **kwargs: Any) -> Any:
         refuse_if_denied()
+        inputs = _inputs()
+        if inputs is not None:
+            # A workflow node: its requirements' results come first, as in a chain.
+            args = (inputs[0] if len(inputs) == 1 else inputs, *args)
         return run(*args, **kwargs)
 
     setattr(guarded_run, GUARD_ATTR, True)
     return guarded_run
+
+
+def _inputs() -> list[Any] | None:
+    """The results a dependent receives from its requirements (its inputs header), or None."""
+    task = get_current_task()
+    if task is None:
+        return None
+    raw = header_of(task.request, INPUTS_HEADER)
+    if not isinstance(raw, str) or not raw:
+        return None
+    return decode_inputs(task.app, raw)
 
 
 def refuse_if_denied() -> None:

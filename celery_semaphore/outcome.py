@@ -10,7 +10,11 @@ __all__ = [
     "Acquired",
     "Admission",
     "Claimed",
+    "Ended",
     "Grant",
+    "Notice",
+    "Reply",
+    "Trace",
     "Malformed",
     "Reclaim",
     "Reclaimed",
@@ -32,6 +36,7 @@ class Acquired(enum.IntEnum):
     REJECTED = 8  # max_pending reached, on_full="reject": nothing written
     FULL_DROPPED = 9  # max_pending reached, on_full="drop": nothing written, it ends GateFull
     RESENT = 10  # a second send of a call granted at its first send, not started: publish a copy
+    NEEDS = 11  # waits for its requirements (the caller links them)
 
 
 class Started(enum.IntEnum):
@@ -68,7 +73,7 @@ class Admission(NamedTuple):
     #: The limits in force of the call's gates, as stored in Redis.
     limits: list[int]
     #: Calls handed room meanwhile (their start time came): to publish.
-    grants: list[Grant]
+    grants: list[Reply]
     #: ``("over", pending)`` parked over max_pending; ``("replaced", id, message)`` the older
     #: parked call this one replaced; else ``()``.
     extra: tuple[Any, ...] = ()
@@ -81,6 +86,51 @@ class Grant:
     task_id: str
     fence: int
     message: bytes
+    #: JSON list of the results it receives from its requirements ("" when none).
+    inputs: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Trace:
+    """A transition of a tracked call (``track=True``), to log in one line."""
+
+    task_id: str
+    task: str
+    source: str
+    event: str
+    target: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Ended:
+    """A waiting call ended without running because a requirement failed or was cancelled."""
+
+    task_id: str
+    state: str  # FAILED or CANCELLED
+    task: str
+    cause_id: str
+    cause_task: str
+    cause_text: str
+    message: bytes
+    track: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Notice:
+    """A requirement ended whose dependent lives in another group: tell that group."""
+
+    tag: str  # the dependent's group as its hash tag
+    dependent: str
+    requirement: str
+    state: str
+    payload: str
+    text: str
+    task: str
+    member: str  # its entry in the requirement's outbox, removed once acknowledged
+
+
+#: What a script hands back beside its own answer: calls to publish and follow-ups.
+Reply = Grant | Trace | Ended | Notice
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +148,7 @@ class Release:
     released: bool
     backend: str  # the backend that started the call ("" for a gated call)
     slot: str  # the scheduler slot it held ("")
-    grants: list[Grant]
+    grants: list[Reply]
     malformed: list[Malformed]
 
 
@@ -128,7 +178,7 @@ class Reclaim(NamedTuple):
     """The outcome of :meth:`Group.reclaim`."""
 
     reclaimed: list[Reclaimed]
-    grants: list[Grant]
+    grants: list[Reply]
     malformed: list[Malformed]
     #: (call id, last runner) of calls whose lease expired ``dropped_after_s`` ago with no
     #: redelivery coming: nothing will finish them unless their result arrived.

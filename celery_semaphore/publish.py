@@ -18,6 +18,7 @@ from celery.utils.log import get_logger
 from .errors import ConfigurationError, DuplicateCall, GateFull
 from .group import Acquired
 from .message import CapturingProducer, Envelope
+from .requires import free_gates, link_requirements, take_requirements
 from .results import fail_call, record_revoked
 from .runtime import HANDOFF_HEADER, Runtime
 from .spec import TaskGates, call_spec
@@ -51,8 +52,11 @@ class Publisher:
         """Celery's ``send_task_message``, gated for gated tasks."""
         rt = self.runtime
         gates = rt.gates_of(name)
+        needs = take_requirements(rt, options)
         if gates is None:
-            return self._original()(producer, name, message, **options)
+            if needs is None:
+                return self._original()(producer, name, message, **options)
+            gates = free_gates(rt, name)  # a workflow node: its end must be counted
         headers = message[0]
         if not isinstance(headers, dict) or "id" not in headers:
             # Protocol 1 carries no headers to hold the token: refuse rather than publish a
@@ -86,6 +90,10 @@ class Publisher:
         # The gate's own per-call options: taken out, so Celery does not publish them as
         # message properties.
         overflow = {k: options.pop(k, None) for k in ("max_pending", "on_full", "wait_timeout")}
+        track = bool(options.pop("track", False)) or rt.settings.track
+        record: dict[str, Any] = {"task": name, **(needs.fields if needs else {})}
+        if track or any(s.track for s in gates.specs):
+            record["track"] = True
         spec = call_spec(
             gates, rt.settings, args, kwargs, options.get("priority"), redeliver, **overflow
         )
@@ -104,7 +112,7 @@ class Publisher:
             group = rt.group(gates.group)
             outcome, pending, stored, grants, extra = group.acquire(
                 task_id,
-                spec.to_json(gates.names),
+                spec.to_json(gates.names, **record),
                 gates.limits,
                 envelope.encode,
                 lease_ms=spec.lease_ms,
@@ -113,6 +121,15 @@ class Publisher:
             )
             note_limits(rt, gates, stored)
             rt.dispatch(gates.group, grants)
+            if outcome is Acquired.NEEDS and needs is not None:
+                try:
+                    link_requirements(rt, gates.group, task_id, needs.requirements, needs.future)
+                except BaseException:
+                    # The caller sees the error: the call must not wait on a partial link.
+                    _, replies = group.cancel(task_id, reason="its requirements were not linked")
+                    rt.dispatch(gates.group, replies)
+                    raise
+                return None
             if outcome is Acquired.REJECTED:
                 raise GateFull(gates.gate, stored[0], pending)
             if outcome is Acquired.FULL_DROPPED:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from functools import cached_property
 from typing import Any
 
@@ -22,13 +22,16 @@ from kombu.utils.url import maybe_sanitize_url
 from .config import Settings
 from .errors import ConfigurationError
 from .group import Grant, Group, Malformed
+from .inputs import INPUTS_HEADER
 from .message import Envelope
+from .outcome import Reply
 from .scripts import Scripts
 from .spec import TaskGates, check_agreement, resolve, specs_of
 
 __all__ = [
     "HANDOFF_HEADER",
     "LOCK_MESSAGE",
+    "WORKFLOW_HEADER",
     "Runtime",
     "runtime_for",
     "recurring_keys",
@@ -40,6 +43,8 @@ logger = get_logger(__name__)
 
 #: Header added to a message published from Redis after it was handed room (not at submit).
 HANDOFF_HEADER = "semaphore_handoff"
+#: Header of a workflow node: "<workflow id>:<1 when fail_fast, else 0>".
+WORKFLOW_HEADER = "semaphore_workflow"
 #: The stored "message" of a Semaphore hold: not a task, a process to wake.
 LOCK_MESSAGE = b"semaphore-lock:"
 
@@ -91,6 +96,10 @@ class Runtime:
         self.scheduler_factory: Any = None
         self._scheduler: Any = None
         self._scheduler_built = False
+        #: Acts on a script's follow-ups (set by ``install``: see :mod:`.requires`).
+        self.follow: Callable[[str, Sequence[Reply]], None] | None = None
+        #: Called with (task id, its workflow header) when a call fails (see fail_fast).
+        self.on_node_failed: Callable[[str, str], None] | None = None
 
     @property
     def scheduler(self) -> Any:
@@ -150,6 +159,7 @@ class Runtime:
                         dedupe_window_s=s.dedupe_window_s,
                         dropped_after_s=s.dropped_after_s,
                         max_dispatches=s.max_dispatches,
+                        history_s=s.history_ttl_s,
                     )
                     group.recover_ms = int(s.lease_s * 1000)
         return group
@@ -251,12 +261,16 @@ class Runtime:
 
     # -- sending what Redis handed room -------------------------------------------------
 
-    def dispatch(self, group: str, grants: list[Grant], malformed: Iterable[Malformed] = ()) -> int:
+    def dispatch(self, group: str, grants: list[Reply], malformed: Iterable[Malformed] = ()) -> int:
         """Publish calls that were handed room; returns how many were published.
 
         A call that cannot be published now keeps its message in Redis: when its lease
-        expires the tick sends it again, so it is delayed, never lost.
+        expires the tick sends it again, so it is delayed, never lost. The reply's follow-ups
+        (traces, calls ended by a requirement, notices to other groups) go to :attr:`follow`.
         """
+        others = [g for g in grants if not isinstance(g, Grant)]
+        if others and self.follow is not None:
+            self.follow(group, others)
         for entry in malformed:
             logger.error(
                 "gate group %r: moved aside an unreadable entry %s: %r",
@@ -264,8 +278,10 @@ class Runtime:
                 entry.task_id,
                 entry.raw[:200],
             )
-        calls = []
+        calls: list[Grant] = []
         for grant in grants:
+            if not isinstance(grant, Grant):
+                continue
             if grant.message.startswith(LOCK_MESSAGE):
                 # A Semaphore hold waiting in a plain process: wake it (it subscribed before it
                 # parked; if it missed this, it finds the grant by polling its record).
@@ -276,11 +292,10 @@ class Runtime:
                 calls.append(grant)
         if not calls:
             return 0
-        grants = calls
         sent = 0
         with self.app.producer_or_acquire() as producer:
             queues = self.app.amqp.queues
-            for grant in grants:
+            for grant in calls:
                 try:
                     envelope = Envelope.decode(grant.message)
                 except ValueError:
@@ -295,6 +310,8 @@ class Runtime:
                 headers = envelope.publish_kwargs.setdefault("headers", {})
                 if isinstance(headers, dict):
                     headers[HANDOFF_HEADER] = "1"
+                    if grant.inputs:
+                        headers[INPUTS_HEADER] = grant.inputs
                 try:
                     envelope.publish(producer, [queues[q] for q in envelope.queues if q in queues])
                     sent += 1
@@ -307,9 +324,21 @@ class Runtime:
                     )
         return sent
 
-    def release(self, group: str, task_id: str, fence: int | None) -> bool:
-        """Give back a call's hold and publish the calls handed room; whether one was freed."""
-        outcome = self.group(group).release(task_id, fence)
+    def release(
+        self,
+        group: str,
+        task_id: str,
+        fence: int | None,
+        *,
+        state: str = "SUCCEEDED",
+        payload: str = "",
+        text: str = "",
+    ) -> bool:
+        """Give back a call's hold and publish the calls handed room; whether one was freed.
+
+        ``state``, ``payload`` and ``text`` say how it ended (see :meth:`Group.release`).
+        """
+        outcome = self.group(group).release(task_id, fence, state=state, payload=payload, text=text)
         self.dispatch(group, outcome.grants, outcome.malformed)
         if outcome.released and self.scheduler is not None:
             # The idle slots of the group poll again at once; a task a scheduler slot

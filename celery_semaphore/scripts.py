@@ -18,7 +18,10 @@ from .errors import ScriptError
 __all__ = ["NAMES", "STANDALONE", "Scripts", "source"]
 
 #: The scripts of a gate group: each is common.lua followed by its own file.
-NAMES = ("acquire", "start", "release", "keepalive", "reclaim", "claim", "cancel", "resize")
+NAMES = (
+    "acquire", "start", "release", "keepalive", "reclaim", "claim", "cancel", "resize", "link",
+    "satisfy",
+)  # fmt: skip
 #: Scripts of the recurring schedules, which stand alone (their keys are not a group's).
 STANDALONE = ("recur_add", "recur_take", "recur_note")
 
@@ -44,6 +47,8 @@ class Scripts:
     claim: Script
     cancel: Script
     resize: Script
+    link: Script
+    satisfy: Script
     recur_add: Script
     recur_take: Script
     recur_note: Script

@@ -23,6 +23,7 @@ from celery._state import get_current_app
 from .config import check_lease, check_limit, check_name, check_priority
 from .errors import AcquireTimeout, ConfigurationError
 from .extension import install
+from .graph import gate_dot
 from .group import Acquired, Group, Started
 from .runtime import LOCK_MESSAGE, Runtime, wake_channel
 from .spec import CallSpec
@@ -197,7 +198,7 @@ class Semaphore:
                 raise AcquireTimeout(self.name, float(timeout or 0))
         finally:
             pubsub.close()
-        verdict, fence, _ = group.start(hold_id, _runner(), redeliver=True)
+        verdict, fence, *_ = group.start(hold_id, _runner(), redeliver=True)
         if verdict is not Started.RUN:  # reclaimed while we were about to start: try again
             return self.acquire(blocking, timeout)
         return Hold(self, hold_id, fence)
@@ -217,6 +218,11 @@ class Semaphore:
     def _give_up(self, hold_id: str) -> None:
         _, grants = self.group.cancel(hold_id)
         self.runtime.dispatch(self.group.name, grants)
+
+    def to_dot(self) -> str:
+        """The live picture of the gate as Graphviz DOT: holders, next parked calls and
+        their requirements (``graph.to_svg`` renders it)."""
+        return gate_dot(self.group, self.name)
 
     def __enter__(self) -> Hold:
         hold = self.acquire()

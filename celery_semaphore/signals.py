@@ -17,8 +17,9 @@ from celery.utils.log import get_logger
 
 from .errors import RedisUnavailable
 from .guard import group_of_request, header_of
+from .inputs import encode_error, encode_result, error_text
 from .publish import HEADER
-from .runtime import HANDOFF_HEADER, runtime_for, runtimes
+from .runtime import HANDOFF_HEADER, WORKFLOW_HEADER, runtime_for, runtimes
 
 __all__ = ["HEADER", "connect", "on_failure", "on_postrun", "on_prerun", "on_revoked", "on_unknown"]
 
@@ -47,7 +48,9 @@ def on_prerun(sender: Any = None, task_id: str | None = None, task: Any = None, 
     # (acks_late), or Celery's own retry of a lost child.
     redeliver = bool(getattr(task, "acks_late", False) or getattr(task, "retry_on_worker_lost", 0))
     try:
-        verdict, fence, backend = rt.group(name).start(task_id, _runner(), redeliver=redeliver)
+        verdict, fence, backend, wanted, follow = rt.group(name).start(
+            task_id, _runner(), redeliver=redeliver
+        )
     except RedisUnavailable as exc:
         # Refused, or a connect timeout: nothing was sent. A read timeout: the start may still
         # run later in Redis (see Group._run).
@@ -57,6 +60,9 @@ def on_prerun(sender: Any = None, task_id: str | None = None, task: Any = None, 
         raise
     request.semaphore_verdict = verdict
     request.semaphore_fence = fence if verdict.runs else None
+    request.semaphore_wanted = wanted
+    if follow:
+        rt.dispatch(name, follow)
     if verdict.runs and backend and rt.scheduler is not None:
         rt.scheduler.notify_keepalive(name, {task_id: backend})
 
@@ -66,6 +72,7 @@ def on_postrun(
     task_id: str | None = None,
     task: Any = None,
     state: str | None = None,
+    retval: Any = None,
     **_: Any,
 ) -> None:
     """``task_postrun`` in any state: give the hold back and hand room to the next calls."""
@@ -83,10 +90,40 @@ def on_postrun(
     unrecorded = getattr(request, "semaphore_unrecorded", False)
     if unrecorded == "refused" and header_of(request, HANDOFF_HEADER) == "1":
         return  # skipped: its hold is the one Redis will send again
-    rt.release(name, task_id, getattr(request, "semaphore_fence", None))
+    final, payload, text = _ending(task.app, state, retval, getattr(request, "semaphore_wanted", 0))
+    rt.release(
+        name,
+        task_id,
+        getattr(request, "semaphore_fence", None),
+        state=final,
+        payload=payload,
+        text=text,
+    )
+    workflow = header_of(request, WORKFLOW_HEADER)
+    if final == "FAILED" and workflow and rt.on_node_failed is not None:
+        rt.on_node_failed(task_id, str(workflow))
 
 
-def on_failure(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
+def _ending(app: Any, state: str | None, retval: Any, wanted: Any) -> tuple[str, str, str]:
+    """How a run ended, for the call's history and its dependents: (state, payload, text).
+
+    The result is encoded only when calls wait for it (``wanted``, from the start script).
+    """
+    if state == "SUCCESS":
+        payload = ""
+        if wanted:
+            try:
+                payload = encode_result(app, retval)
+            except Exception:  # unserializable: dependents read it from the result backend
+                logger.warning("celery_semaphore: a result its dependents need is not serializable")
+        return "SUCCEEDED", payload, ""
+    if state == "FAILURE" and isinstance(retval, BaseException):
+        payload = encode_error(app, retval) if wanted else ""
+        return "FAILED", payload, error_text(retval)
+    return "CANCELLED", "", (state or "terminated").lower()
+
+
+def on_failure(sender: Any = None, task_id: str | None = None, **kwargs: Any) -> None:
     """``task_failure`` raised outside the run (hard time limit, lost child): release by id.
 
     Celery pushes a request context in the main process before it reports a lost child, so
@@ -109,7 +146,12 @@ def on_failure(sender: Any = None, task_id: str | None = None, **_: Any) -> None
         gates = rt.gates_of(sender.name)
         name = gates.group if gates is not None else None
     if name is not None:
-        rt.release(name, task_id, None)
+        exc = kwargs.get("exception")
+        text = error_text(exc) if isinstance(exc, BaseException) else "failed"
+        rt.release(name, task_id, None, state="FAILED", text=text)
+        workflow = header_of(request, WORKFLOW_HEADER)
+        if workflow and rt.on_node_failed is not None:
+            rt.on_node_failed(task_id, str(workflow))
 
 
 def on_revoked(sender: Any = None, request: Any = None, terminated: bool = False, **_: Any) -> None:
@@ -124,7 +166,7 @@ def on_revoked(sender: Any = None, request: Any = None, terminated: bool = False
     rt = runtime_for(getattr(sender, "app", None))
     name = group_of_request(request)
     if rt is not None and name is not None and getattr(request, "id", None):
-        rt.release(name, request.id, None)
+        rt.release(name, request.id, None, state="CANCELLED", text="revoked")
 
 
 def on_unknown(sender: Any = None, id: str | None = None, message: Any = None, **_: Any) -> None:
@@ -136,7 +178,7 @@ def on_unknown(sender: Any = None, id: str | None = None, message: Any = None, *
     app = getattr(sender, "app", None)
     for rt in runtimes():
         if app is None or rt.app is app:
-            rt.release(name, id, None)
+            rt.release(name, id, None, state="DROPPED", text="no worker knows the task")
             return
 
 

@@ -71,6 +71,7 @@ class GateSpec:
     max_pending: int | None = None
     on_full: str | None = None
     wait_timeout_s: float | None = None
+    track: bool = False
 
 
 #: What a call that finds no room does once its gate has ``max_pending`` calls waiting.
@@ -207,9 +208,11 @@ class CallSpec:
     on_full: str = "park"
     wait_ms: int = 0
 
-    def to_json(self, names: tuple[str, ...]) -> str:
-        """The record acquire.lua stores (see lua/common.lua)."""
+    def to_json(self, names: tuple[str, ...], **extra: Any) -> str:
+        """The record acquire.lua stores (see lua/common.lua); ``extra`` adds fields (task,
+        track, and a workflow node's needs, on_fail, feeds)."""
         record: dict[str, Any] = {
+            **extra,
             "gates": list(names),
             "keys": list(self.keys),
             "weights": list(self.weights),

@@ -63,6 +63,9 @@ def base_app(
         "broker_connection_retry_on_startup": True,
         "result_expires": 600,
         "worker_hijack_root_logger": False,
+        # Ended calls leave no history behind here, so every test can compare the keys at
+        # rest; test_workflow covers the history with a short semaphore_history_ttl.
+        "semaphore_history_ttl": 0,
     }
     app.conf.update(settings, **conf)
     return app

@@ -29,7 +29,7 @@ LEASE_MS = 10_000
 
 @pytest.fixture
 def group(slots: redis.Redis, prefix: str) -> Group:
-    return Group(slots, Scripts(slots), "g", prefix=prefix)
+    return Group(slots, Scripts(slots), "g", prefix=prefix, history_s=0)
 
 
 def send(
@@ -108,10 +108,10 @@ def test_an_immediate_retry_keeps_its_hold_and_its_next_start_is_not_a_duplicate
     group: Group,
 ) -> None:
     fence = send(group, "a")[1]
-    assert group.start("a", "w1", now_ms=T0) == (Started.RUN, fence, "")
+    assert group.start("a", "w1", now_ms=T0)[:3] == (Started.RUN, fence, "")
     held = send(group, "a", flags="r", now_ms=T0 + 5)
     assert held[:2] == (Acquired.HELD, fence)
-    assert group.start("a", "w2", now_ms=T0 + 10) == (Started.RUN, fence, "")
+    assert group.start("a", "w2", now_ms=T0 + 10)[:3] == (Started.RUN, fence, "")
     assert (group.held(), group.used("g")) == (1, 1)
 
 
@@ -162,7 +162,7 @@ def test_fences_only_grow_across_grants_and_hand_offs(group: Group) -> None:
 
 
 def test_a_call_that_holds_nothing_is_told_to_go_through_the_gate_again(group: Group) -> None:
-    assert group.start("x", "w1", now_ms=T0) == (Started.LOST, 0, "")
+    assert group.start("x", "w1", now_ms=T0)[:3] == (Started.LOST, 0, "")
     send(group, "a")
     group.start("a", "w1", now_ms=T0)
     group.release("a", now_ms=T0)
@@ -242,7 +242,7 @@ def test_a_handed_off_call_that_never_started_waits_a_backoff_behind_the_calls_a
 def test_a_call_handed_room_max_dispatches_times_without_starting_is_abandoned(
     slots: redis.Redis, prefix: str
 ) -> None:
-    group = Group(slots, Scripts(slots), "g", prefix=prefix, max_dispatches=2)
+    group = Group(slots, Scripts(slots), "g", prefix=prefix, max_dispatches=2, history_s=0)
     send(group, "a", limit=1)
     send(group, "b", limit=1)
     group.release("a", now_ms=T0)
@@ -270,7 +270,7 @@ def test_a_late_copy_of_a_waiting_call_runs_only_if_it_fits(group: Group) -> Non
     send(group, "c", limit=1, now_ms=now)
     assert group.start("b", "w1", now_ms=now)[0] is Started.REPARKED
     group.release("c", now_ms=now)
-    verdict, fence, _ = group.start("b", "w1", now_ms=now + 1)
+    verdict, fence, *_ = group.start("b", "w1", now_ms=now + 1)
     assert (verdict, group.used("g"), group.waiting()) == (Started.RUN, 1, 0)
     assert group.release("b", fence, now_ms=now + 2).released is True
     assert group.used("g") == 0
@@ -279,7 +279,7 @@ def test_a_late_copy_of_a_waiting_call_runs_only_if_it_fits(group: Group) -> Non
 def test_a_dead_runner_without_redelivery_is_reported_dropped_after_the_grace_only(
     slots: redis.Redis, prefix: str
 ) -> None:
-    group = Group(slots, Scripts(slots), "g", prefix=prefix, dropped_after_s=60)
+    group = Group(slots, Scripts(slots), "g", prefix=prefix, dropped_after_s=60, history_s=0)
     send(group, "early-ack")
     group.start("early-ack", "host:1", now_ms=T0)
     send(group, "late-ack")
@@ -323,7 +323,7 @@ def test_a_backup_runs_when_the_execution_it_waited_for_dies(group: Group) -> No
     ]
     # The copy is handed the room in the same step instead of the call being dropped.
     assert [(g.task_id, g.message) for g in out.grants] == [("a", b"copy")]
-    verdict, fence, _ = group.start("a", "new-child", now_ms=now + 1)
+    verdict, fence, *_ = group.start("a", "new-child", now_ms=now + 1)
     assert verdict is Started.RUN
     assert group.release("a", fence, now_ms=now + 2).released is True
     # It ran twice in all: a third copy is refused, and nothing reports the call dropped.
@@ -345,7 +345,7 @@ def test_leases_are_measured_on_the_redis_clock(group: Group) -> None:
 def test_every_key_of_a_group_shares_one_hash_tag() -> None:
     keys = keys_for("semaphore", "crawler")
     assert {key.split("}")[0] for key in keys} == {"{semaphore:crawler"}
-    assert len(keys) == len(set(keys)) == 16
+    assert len(keys) == len(set(keys)) == 20
 
 
 def test_a_group_at_rest_keeps_only_its_state_hash(
@@ -672,7 +672,7 @@ def test_a_small_key_is_served_in_turn_with_a_big_key_backlog(group: Group) -> N
     big = call_json("big")
     pipe = group.client.pipeline(transaction=False)
     for i in range(10_000):
-        head = [T0, group.epoch, LEASE_MS]
+        head = [T0, group.epoch, LEASE_MS, 0]
         args = [*head, f"big{i}", big, str(limit), 0, b"m", ""]
         group.scripts.acquire(keys=list(group.keys.values()), args=args, client=pipe)
     replies = pipe.execute()
@@ -730,7 +730,7 @@ def test_racing_clients_never_hold_more_than_the_limit(slots: redis.Redis, prefi
 
     def client(n: int) -> None:
         own = redis.Redis(connection_pool=slots.connection_pool)
-        group = Group(own, Scripts(own), "race", prefix=prefix)
+        group = Group(own, Scripts(own), "race", prefix=prefix, history_s=0)
         try:
             for i in range(150):
                 call = f"{n}-{i}"
@@ -753,14 +753,14 @@ def test_racing_clients_never_hold_more_than_the_limit(slots: redis.Redis, prefi
         t.join()
     assert errors == []
     assert peak[0] == limit
-    group = Group(slots, Scripts(slots), "race", prefix=prefix)
+    group = Group(slots, Scripts(slots), "race", prefix=prefix, history_s=0)
     assert (group.used("race"), group.held(), group.parked()) == (0, 0, 0)
 
 
 def test_a_hold_granted_to_a_waiter_that_died_is_given_up_at_its_first_expiry(
     slots: redis.Redis, prefix: str
 ) -> None:
-    g = Group(slots, Scripts(slots), "g", prefix=prefix)
+    g = Group(slots, Scripts(slots), "g", prefix=prefix, history_s=0)
     acquire(g, "a", b"m", gate="g", limit=1, lease_s=10, now_ms=T0)
     acquire(g, "lock-x", b"semaphore-lock:lock-x", gate="g", limit=1, lease_s=10, now_ms=T0)
     acquire(g, "b", b"mb", gate="g", limit=1, lease_s=10, now_ms=T0)

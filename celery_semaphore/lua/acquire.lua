@@ -1,14 +1,14 @@
 -- acquire: a call is sent; grant it the units it needs now, or keep it until it may start.
--- ARGV[1..3] see common.lua
--- ARGV[4] call id    the Celery task id
--- ARGV[5] call       JSON: gates, keys, weights, key_limits, priority, lease_ms, redeliver,
+-- ARGV[1..4] see common.lua
+-- ARGV[5] call id    the Celery task id
+-- ARGV[6] call       JSON: gates, keys, weights, key_limits, priority, lease_ms, redeliver,
 --                    and optionally max_pending, on_full, wait_ms
--- ARGV[6] limits     csv, the configured limit per gate (-1: per-key limits only); seeds a
+-- ARGV[7] limits     csv, the configured limit per gate (-1: per-key limits only); seeds a
 --                    gate Redis does not know yet, never changes one it knows
--- ARGV[7] delay_ms   int, the call's countdown/ETA from now (0 for none)
--- ARGV[8] message    the serialized message; '' when the caller expects room (it then saves
+-- ARGV[8] delay_ms   int, the call's countdown/ETA from now (0 for none)
+-- ARGV[9] message    the serialized message; '' when the caller expects room (it then saves
 --                    encoding and sending it)
--- ARGV[9] flags      'b' a backup (a refused second live execution, kept beside the running
+-- ARGV[10] flags      'b' a backup (a refused second live execution, kept beside the running
 --                    one), 'r' a re-send by the call's own run (retry, replace), or ''
 -- Returns {epoch, code, n, limits csv, {id, fence, message}...calls handed room meanwhile};
 -- code, n:
@@ -18,13 +18,15 @@
 --   4, fence   kept as a backup;       5, 0              a backup of a call that ended;
 --   6, 0       it must be kept but no message came: nothing written, send it again;
 --  10, fence   the id was granted at its first send and has not started: nothing written,
---              but this send publishes a copy (DuplicateCall), as the first one's may be lost.
-local id = ARGV[4]
-local call = cjson.decode(ARGV[5])
-local limits = split(ARGV[6], ',')
-local delay_ms = tonumber(ARGV[7])
-local message = ARGV[8]
-local flags = ARGV[9]
+--              but this send publishes a copy (DuplicateCall), as the first one's may be lost;
+--  11, 0       it waits for its requirements (the call's `needs`): the caller links them.
+-- Rows after the grants are tagged follow-ups (see common.lua, FOLLOW).
+local id = ARGV[5]
+local call = cjson.decode(ARGV[6])
+local limits = split(ARGV[7], ',')
+local delay_ms = tonumber(ARGV[8])
+local message = ARGV[9]
+local flags = ARGV[10]
 local out = {}
 
 local names = promote()
@@ -34,6 +36,7 @@ local function reply(code, n)
   pump(names, out)
   local r = {EPOCH, code, n, limits_of(call.gates), extra}
   for _, g in ipairs(out) do r[#r + 1] = g end
+  for _, g in ipairs(FOLLOW) do r[#r + 1] = g end
   return r
 end
 
@@ -62,6 +65,7 @@ if rec then
     local freed = {gates = {}, keys = {}}
     ungrant(id, rec, freed)
     redis.call('ZREM', K_HOLDERS, id)
+    note(id, rec, 'RETRYING', 'retry')
     rec.state, rec.retry, rec.slot = 'waiting', true, nil
     rec.ready_ms = NOW + delay_ms
     rec.dispatches, rec.seen_twice = 0, nil
@@ -76,6 +80,7 @@ if rec then
   if flags == 'r' and (rec.state == 'running' or rec.state == 'granted') then
     -- An immediate retry or a replacement keeps its hold; its next start is a legitimate
     -- one, not a duplicate.
+    note(id, rec, 'RETRYING', 'retry')
     rec.state = 'granted'
     rec.ready_ms = 0
     if delay_ms > 0 then rec.ready_ms = NOW + delay_ms end
@@ -98,8 +103,22 @@ end
 
 rec = call
 rec.dispatches = 0
+if rec.needs and #rec.needs > 0 then
+  -- Waits for its requirements, taking nothing; their ends admit it (see satisfy).
+  if message == '' then return reply(6, 0) end
+  note(id, rec, 'WAITING', 'submit')
+  rec.state = 'needs'
+  rec.ready_ms = 0
+  if delay_ms > 0 then rec.ready_ms = NOW + delay_ms end
+  rec.stored, rec.met, rec.inputs = true, {}, {}
+  save(id, rec)
+  redis.call('HSET', K_MESSAGES, id, message)
+  return reply(11, 0)
+end
+rec.needs = nil
 if delay_ms > 0 then
   if message == '' then return reply(6, 0) end
+  note(id, rec, 'WAITING', 'submit')
   rec.state = 'waiting'
   rec.ready_ms = NOW + delay_ms
   rec.stored = true
@@ -109,15 +128,8 @@ if delay_ms > 0 then
   redis.call('HSET', K_MESSAGES, id, message)
   return reply(7, 0)
 end
-local lane = lane_of(rec)
-local verdict, g, key = 'lane', nil, nil
-if PARKED == 0 or redis.call('HEXISTS', K_LANES, lane) == 0 then
-  verdict, g, key = fits(rec, nil, nil)
-  if verdict == 'ok' then
-    rec.order = redis.call('HINCRBY', K_STATE, 'seq', 1)
-    return reply(1, grant(id, rec, 'granted'))
-  end
-end
+local fence, verdict, g, key = try_grant(id, rec)
+if fence then return reply(1, fence) end
 if message == '' then return reply(6, 0) end
 local cap = tonumber(rec.max_pending) or 0
 if cap > 0 then
@@ -140,7 +152,7 @@ if cap > 0 then
     if policy == 'replace' and victim then
       local old = load(victim)
       extra = {'replaced', victim, redis.call('HGET', K_MESSAGES, victim) or ''}
-      forget(victim, old)
+      finish(victim, old, 'REPLACED', 'replaced', {reason = id})
       names[#names + 1] = rec.gates[1]
     else
       extra = {'over', pending}
@@ -149,9 +161,5 @@ if cap > 0 then
 end
 redis.call('HSET', K_MESSAGES, id, message)
 rec.stored = true
-if verdict == 'gate' or verdict == 'key' then
-  park(id, rec, verdict, g, key)
-else
-  park(id, rec, 'gate', gate(rec.gates[1]))
-end
+park_at(id, rec, verdict, g, key)
 return reply(0, redis.call('ZCARD', K_QUEUE))

@@ -1,11 +1,13 @@
--- cancel: a call that has not started leaves the gate and never runs.
--- ARGV[1..3] see common.lua
--- ARGV[4] call id
--- ARGV[5] window_ms  int, how long the cancelled id is remembered (a copy already sent to
+-- cancel: a call that has not started leaves the gate and never runs; the calls that
+-- required it are cancelled too.
+-- ARGV[1..4] see common.lua
+-- ARGV[5] call id
+-- ARGV[6] window_ms  int, how long the cancelled id is remembered (a copy already sent to
 --                    the broker is refused at its start)
--- Returns {epoch, code, state, {id, fence, message}...}; code 1 cancelled (state it was in),
--- 2 it runs now (revoke it with Celery), 0 unknown here.
-local id = ARGV[4]
+-- ARGV[7] reason     recorded in its history
+-- Returns {epoch, code, state, {id, fence, message, inputs}..., follow-up rows...}; code 1
+-- cancelled (state it was in), 2 it runs now (revoke it with Celery), 0 unknown here.
+local id = ARGV[5]
 local out = {}
 local rec = load(id)
 if not rec then return {EPOCH, 0, ''} end
@@ -13,9 +15,10 @@ if rec.state == 'running' then return {EPOCH, 2, 'running'} end
 local state = rec.state
 local freed = {gates = {}, keys = {}}
 if state == 'granted' then ungrant(id, rec, freed) end
-tombstone(id, tonumber(ARGV[5]))
-forget(id, rec)
+tombstone(id, tonumber(ARGV[6]))
+finish(id, rec, 'CANCELLED', 'cancel', {reason = ARGV[7] or ''})
 pump(concat(wake(freed), promote()), out)
 local r = {EPOCH, 1, state}
 for _, g in ipairs(out) do r[#r + 1] = g end
+for _, g in ipairs(FOLLOW) do r[#r + 1] = g end
 return r

@@ -34,6 +34,15 @@
 --                                       first gate (and key) it is (no field at 0), for
 --                                       max_pending
 --   KEYS[16] {prefix:G}:expires   zset  parked call id -> when its wait_timeout ends
+--   KEYS[17] {prefix:G}:history   hash  ended call id -> JSON {task, state, events, end_ms,
+--                                       reason, error, gates, keys, fence, needs}
+--   KEYS[18] {prefix:G}:done      zset  ended call id -> end time (ms): history pruning
+--   KEYS[19] {prefix:G}:dependents hash call id -> "<tag>\31<dependent id>" entries joined
+--                                       by \30 (tag: the dependent's "{prefix:group}"):
+--                                       calls that wait for this one's end
+--   KEYS[20] {prefix:G}:outbox    zset  notice JSON {tag, dep, req, state, payload, text,
+--                                       task} -> when to tell the dependent's group again
+--                                       that its requirement ended (until acknowledged)
 --
 -- A lane is "<gates csv>\31<priority, 3 digits>\31<key per gate, \31-joined>": the calls
 -- that need the same gates and keys at the same priority, first in first out. A lane waits
@@ -42,14 +51,17 @@
 -- band (the head of the line holds the gate's free units, so heavy calls are not starved),
 -- and no key of a blocked lane has room.
 --
--- A call record: state (waiting, parked, granted, running), gates, keys, weights,
+-- A call record: state (needs: waits for requirements; waiting: for its start time; parked,
+-- granted, running), task, events (its history: {ms, state, event}), gates, keys, weights,
 -- key_limits, priority, lease_ms, fence, lane, seq, order (its place when first sent, kept
 -- by a retry), ready_ms, parked_ms, runner, redeliver, dispatches (times handed capacity
 -- without starting), seen_twice, retry, stored (a message is kept in the messages hash),
--- backend, slot; optional max_pending, on_full, wait_ms.
+-- backend, slot; optional max_pending, on_full, wait_ms, track; with requirements: needs
+-- (ids, in order), met (id -> true), inputs (index -> encoded result), on_fail, feeds.
 --
 -- Every script takes ARGV[1] now_ms ('' for Redis TIME), ARGV[2] the epoch the client saw
--- last ('' if none), ARGV[3] recovery ms (the longest lease); its own arguments follow.
+-- last ('' if none), ARGV[3] recovery ms (the longest lease), ARGV[4] how long an ended
+-- call's history is kept (ms, 0: not at all); its own arguments follow.
 -- Every reply starts with the current epoch.
 if redis.replicate_commands then redis.replicate_commands() end
 
@@ -57,6 +69,10 @@ local K_STATE, K_CALLS, K_MESSAGES, K_HOLDERS = KEYS[1], KEYS[2], KEYS[3], KEYS[
 local K_QUEUE, K_LANES, K_BANDS, K_BLOCKED = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local K_DELAYED, K_USAGE, K_ENDED, K_SUSPECT = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
 local K_ASIDE, K_SLOTS, K_PENDING, K_EXPIRES = KEYS[13], KEYS[14], KEYS[15], KEYS[16]
+local K_HISTORY, K_DONE, K_DEPENDENTS, K_OUTBOX = KEYS[17], KEYS[18], KEYS[19], KEYS[20]
+local HISTORY_MS = tonumber(ARGV[4]) or 0
+-- This group's hash tag "{prefix:group}": dependents under it are served in the same step.
+local GROUP = string.sub(KEYS[1], 1, #KEYS[1] - 6)
 
 local SEP = string.char(31)
 local BAND = 35184372088832 -- 2^45: one band per gate
@@ -112,6 +128,49 @@ local function split(s, sep)
   end
 end
 
+local function concat(a, b)
+  for _, v in ipairs(b) do a[#a + 1] = v end
+  return a
+end
+
+-- Rows a script adds to its reply beside the grants, each tagged (see group.py): traces of
+-- tracked calls, calls ended here without running, requirements ended for another group.
+local FOLLOW = {}
+local TAG_TRACE, TAG_END, TAG_NOTE = string.char(30) .. 't', string.char(30) .. 'end',
+  string.char(30) .. 'note'
+
+-- The call state machine (public names). A transition not listed is refused and logged.
+local MOVES = {
+  NEW = {WAITING = 1, PARKED = 1, DISPATCHED = 1},
+  WAITING = {PARKED = 1, DISPATCHED = 1, RUNNING = 1, CANCELLED = 1, FAILED = 1, EXPIRED = 1,
+    DROPPED = 1, REPLACED = 1},
+  PARKED = {DISPATCHED = 1, RUNNING = 1, CANCELLED = 1, EXPIRED = 1, REPLACED = 1, DROPPED = 1},
+  DISPATCHED = {RUNNING = 1, WAITING = 1, RETRYING = 1, CANCELLED = 1, DROPPED = 1,
+    SUCCEEDED = 1, FAILED = 1},
+  RUNNING = {SUCCEEDED = 1, FAILED = 1, RETRYING = 1, CANCELLED = 1, DROPPED = 1, WAITING = 1},
+  RETRYING = {WAITING = 1, PARKED = 1, DISPATCHED = 1, RUNNING = 1, CANCELLED = 1, DROPPED = 1,
+    SUCCEEDED = 1, FAILED = 1},
+}
+local MAX_EVENTS = 24
+
+-- Record a transition in the call's history (Redis time); returns false when refused.
+local function note(id, rec, to, event)
+  local from = rec.status or 'NEW'
+  if from == to then return true end
+  if not (MOVES[from] and MOVES[from][to]) then
+    redis.log(redis.LOG_WARNING, 'celery_semaphore: refused transition of call ' .. id .. ': ' ..
+      from .. '->' .. event .. '->' .. to)
+    return false
+  end
+  rec.status = to
+  local events = rec.events or {}
+  if #events >= MAX_EVENTS then table.remove(events, 2) end
+  events[#events + 1] = {NOW, to, event}
+  rec.events = events
+  if rec.track then FOLLOW[#FOLLOW + 1] = {TAG_TRACE, id, rec.task or '', from, event, to} end
+  return true
+end
+
 -- Gate state, read once per script.
 local GATES = {}
 local function gate(name)
@@ -157,6 +216,15 @@ end
 
 local function save(id, rec)
   redis.call('HSET', K_CALLS, id, cjson.encode(rec))
+end
+
+-- The inputs a call receives, in `needs` order: 'v<result>', 'e<error>', 'x<json cause>' (an
+-- error with no encoded form), or 'b<id>' (read the result from the result backend).
+local function inputs_of(rec)
+  if not rec.needs or not rec.feeds then return '' end
+  local list, inputs = {}, rec.inputs or {}
+  for i = 1, #rec.needs do list[i] = inputs[tostring(i)] or ('b' .. rec.needs[i]) end
+  return cjson.encode(list)
 end
 
 local function lane_of(rec)
@@ -252,6 +320,7 @@ local function grant(id, rec, state)
     if key ~= '' then redis.call('HINCRBY', K_USAGE, name .. SEP .. key, rec.weights[i]) end
   end
   rec.fence = redis.call('HINCRBY', K_STATE, 'fence', 1)
+  if state == 'running' then note(id, rec, 'RUNNING', 'start') else note(id, rec, 'DISPATCHED', 'grant') end
   rec.state = state
   local start = NOW
   if rec.ready_ms and rec.ready_ms > NOW then start = rec.ready_ms end
@@ -316,7 +385,8 @@ local function unpark(id, rec)
 end
 
 -- Append a call to its lane; a new lane waits where `verdict` says (default: its first gate).
-local function park(id, rec, verdict, g, key)
+local function park(id, rec, verdict, g, key, event)
+  note(id, rec, 'PARKED', event or 'park')
   rec.lane = lane_of(rec)
   rec.seq = rec.seq or rec.order or redis.call('HINCRBY', K_STATE, 'seq', 1)
   rec.order = rec.order or rec.seq
@@ -344,7 +414,9 @@ end
 local function forget(id, rec)
   if rec and rec.state == 'parked' and rec.lane then unpark(id, rec) end
   redis.call('ZREM', K_HOLDERS, id)
-  if not rec or rec.state == 'waiting' then redis.call('ZREM', K_DELAYED, id) end
+  if not rec or rec.state == 'waiting' or rec.state == 'needs' then
+    redis.call('ZREM', K_DELAYED, id)
+  end
   redis.call('HDEL', K_CALLS, id)
   if not rec or rec.stored then redis.call('HDEL', K_MESSAGES, id) end
 end
@@ -396,7 +468,7 @@ local function serve(g, lane, out)
   end
   unqueue(id, rec, m)
   rec.lane, rec.seq, rec.ready_ms, rec.parked_ms = nil, nil, 0, nil
-  out[#out + 1] = {id, grant(id, rec, 'granted'), message}
+  out[#out + 1] = {id, grant(id, rec, 'granted'), message, inputs_of(rec)}
   if lane_head(lane) then
     -- Round robin: a served lane goes behind the other lanes of its priority.
     L.turn = redis.call('HINCRBY', K_STATE, 'turn', 1)
@@ -467,7 +539,7 @@ local function promote(always)
       -- A retry keeps its place among the calls of its priority; a call whose start time came
       -- counts from now.
       if rec.retry then rec.seq = rec.order else rec.seq, rec.order = nil, nil end
-      local name = park(id, rec)
+      local name = park(id, rec, nil, nil, nil, 'due')
       if name then names[#names + 1] = name end
       names[#names + 1] = rec.gates[1]
     elseif rec == false then
@@ -488,10 +560,6 @@ local function promote(always)
   return names
 end
 
-local function concat(a, b)
-  for _, v in ipairs(b) do a[#a + 1] = v end
-  return a
-end
 
 local function all_gates()
   return split(redis.call('HGET', K_STATE, 'gates') or '', ',')
@@ -503,6 +571,150 @@ local function limits_of(names)
   return table.concat(out, ',')
 end
 
+-- Requirements (workflows): a call with `needs` waits in state 'needs' (public WAITING),
+-- taking nothing, until the last one ended. Each requirement lists its dependents in the
+-- dependents hash of its own group; its end serves those of this group in the same step and
+-- tells other groups through the reply (and the outbox, should that process die first).
+local RS = string.char(30)
+local OUTBOX_RETRY_MS = 10000
+
+local function keep_history(id, rec, final, info)
+  local ttl = HISTORY_MS
+  if ttl <= 0 then return end
+  local h = {task = rec.task, state = final, events = rec.events, end_ms = NOW,
+    gates = rec.gates, keys = rec.keys, fence = rec.fence, reason = info.reason,
+    error = info.text, needs = rec.needs}
+  redis.call('HSET', K_HISTORY, id, cjson.encode(h))
+  redis.call('ZADD', K_DONE, NOW + ttl, id) -- score: when it is forgotten
+  local old = redis.call('ZRANGEBYSCORE', K_DONE, '-inf', NOW, 'LIMIT', 0, 100)
+  if #old > 0 then
+    redis.call('HDEL', K_HISTORY, unpack(old))
+    redis.call('ZREM', K_DONE, unpack(old))
+  end
+  for _, k in ipairs({K_HISTORY, K_DONE}) do
+    if redis.call('PTTL', k) < ttl then redis.call('PEXPIRE', k, ttl) end
+  end
+end
+
+-- Grant a call that competes now, when no call of its lane waits and it fits: returns its
+-- fence, or nil and where it must wait ('lane' behind its lane, 'gate', 'key', 'recover').
+local function try_grant(id, rec)
+  if PARKED > 0 and redis.call('HEXISTS', K_LANES, lane_of(rec)) == 1 then return nil, 'lane' end
+  local verdict, g, key = fits(rec, nil, nil)
+  if verdict ~= 'ok' then return nil, verdict, g, key end
+  rec.order = redis.call('HINCRBY', K_STATE, 'seq', 1)
+  return grant(id, rec, 'granted')
+end
+
+-- Park a call where try_grant said it must wait (behind its lane: its first gate's band).
+local function park_at(id, rec, verdict, g, key, event)
+  if verdict == 'gate' or verdict == 'key' then
+    park(id, rec, verdict, g, key, event)
+  else
+    park(id, rec, 'gate', gate(rec.gates[1]), nil, event)
+  end
+end
+
+-- A waiting call may now compete for its gates, like a new one.
+local function admit(id, rec, event)
+  if (tonumber(rec.ready_ms) or 0) > NOW then
+    rec.state = 'waiting'
+    save(id, rec)
+    redis.call('ZADD', K_DELAYED, rec.ready_ms, id)
+    note_due(rec.ready_ms)
+    return
+  end
+  rec.ready_ms = 0
+  local fence, verdict, g, key = try_grant(id, rec)
+  if fence then
+    FOLLOW[#FOLLOW + 1] = {id, fence, redis.call('HGET', K_MESSAGES, id) or '', inputs_of(rec)}
+  else
+    park_at(id, rec, verdict, g, key, event)
+  end
+end
+
+local satisfy
+
+-- A call ended, or will never run: keep its history, settle its dependents, forget it.
+-- info: reason, text (its error as text), payload (its encoded result or error).
+local function finish(id, rec, final, event, info)
+  info = info or {}
+  if rec then note(id, rec, final, event) end
+  local raw = redis.call('HGET', K_DEPENDENTS, id)
+  if raw then
+    redis.call('HDEL', K_DEPENDENTS, id)
+    local task = (rec and rec.task) or info.task or ''
+    for _, entry in ipairs(split(raw, RS)) do
+      local at = string.find(entry, SEP, 1, true)
+      local group, dep = string.sub(entry, 1, at - 1), string.sub(entry, at + 1)
+      if group == GROUP then
+        satisfy(dep, id, task, final, info)
+      else
+        local notice = cjson.encode({tag = group, dep = dep, req = id, state = final,
+          payload = info.payload or '', text = info.text or '', task = task})
+        redis.call('ZADD', K_OUTBOX, NOW + OUTBOX_RETRY_MS, notice)
+        FOLLOW[#FOLLOW + 1] = {TAG_NOTE, group, dep, id, final, info.payload or '',
+          info.text or '', task, notice}
+      end
+    end
+  end
+  if rec then
+    keep_history(id, rec, final, info)
+    forget(id, rec)
+  end
+end
+
+-- A waiting dependent that will not run: reported (Python stores its result), then ended.
+local function end_dependent(dep, rec, final, cause_id, cause_task, cause_text)
+  local message = redis.call('HGET', K_MESSAGES, dep) or ''
+  local track = 0
+  if rec.track then track = 1 end
+  FOLLOW[#FOLLOW + 1] = {TAG_END, dep, final, rec.task or '', cause_id, cause_task, cause_text,
+    message, track}
+  local text = 'RequirementFailed: ' .. cause_task .. '[' .. cause_id .. '] ' .. cause_text
+  if final == 'CANCELLED' then text = 'cancelled: requirement ' .. cause_id .. ' ' .. cause_text end
+  finish(dep, rec, final, 'requirement', {reason = cause_id, text = text})
+end
+
+-- Requirement `rid` of waiting call `dep` (of this group) ended in state `final`.
+satisfy = function(dep, rid, rtask, final, info)
+  local rec = load(dep)
+  if not rec or rec.state ~= 'needs' then return false end
+  rec.met = rec.met or {}
+  if rec.met[rid] then return false end
+  local index
+  for i, r in ipairs(rec.needs) do if r == rid then index = i end end
+  if not index then return false end
+  rec.met[rid] = true
+  rec.inputs = rec.inputs or {}
+  if final == 'SUCCEEDED' then
+    if info.payload and info.payload ~= '' then rec.inputs[tostring(index)] = 'v' .. info.payload end
+  elseif final == 'FAILED' and rec.on_fail == 'pass' then
+    if info.payload and info.payload ~= '' then
+      rec.inputs[tostring(index)] = 'e' .. info.payload
+    else
+      rec.inputs[tostring(index)] = 'x' .. cjson.encode({rtask, rid, info.text or ''})
+    end
+  elseif final == 'FAILED' and rec.on_fail == 'cancel' then
+    end_dependent(dep, rec, 'CANCELLED', rid, rtask, 'failed: ' .. (info.text or ''))
+    return true
+  elseif final == 'FAILED' then
+    end_dependent(dep, rec, 'FAILED', rid, rtask, info.text or '')
+    return true
+  else
+    end_dependent(dep, rec, 'CANCELLED', rid, rtask, string.lower(final))
+    return true
+  end
+  for _, r in ipairs(rec.needs) do
+    if not rec.met[r] then
+      save(dep, rec)
+      return true
+    end
+  end
+  admit(dep, rec, 'met')
+  return true
+end
+
 -- Parked calls whose wait_timeout passed leave their lanes; returns {id, waited ms, message,
 -- first gate}.
 local function expire(out)
@@ -512,7 +724,7 @@ local function expire(out)
     if rec and rec.state == 'parked' then
       local message = redis.call('HGET', K_MESSAGES, id) or ''
       out[#out + 1] = {id, NOW - (tonumber(rec.parked_ms) or NOW), message, rec.gates[1]}
-      forget(id, rec)
+      finish(id, rec, 'EXPIRED', 'wait_timeout', {reason = 'wait_timeout'})
     else
       redis.call('ZREM', K_EXPIRES, id)
     end

@@ -1,14 +1,14 @@
 -- keepalive: renew the leases of calls that are still running or about to run.
--- ARGV[1..3] see common.lua
--- ARGV[4] lease_ms   int, lease of a call that re-registers
--- ARGV[5..] pairs of call id and its gates (csv)
+-- ARGV[1..4] see common.lua
+-- ARGV[5] lease_ms   int, lease of a call that re-registers
+-- ARGV[6..] pairs of call id and its gates (csv)
 -- Returns {epoch, {id...}, {id, backend...}}: the ids that hold nothing any more, then each
 -- renewed id started by a scheduler backend with that backend's name.
 -- While the group recovers from lost data, a running call it does not know re-registers
 -- (one unit of each of its gates), so the group counts it before admitting anyone new.
 local lost, kept = {}, {}
 local reregister = recovering()
-for i = 5, #ARGV, 2 do
+for i = 6, #ARGV, 2 do
   local id = ARGV[i]
   local rec = load(id)
   if rec and (rec.state == 'granted' or rec.state == 'running') then
@@ -26,7 +26,7 @@ for i = 5, #ARGV, 2 do
       weights[j], keys[j], key_limits[j] = 1, '', 0
     end
     grant(id, {gates = gates, weights = weights, keys = keys, key_limits = key_limits,
-      priority = 0, lease_ms = tonumber(ARGV[4]), dispatches = 1, runner = 'keepalive'},
+      priority = 0, lease_ms = tonumber(ARGV[5]), dispatches = 1, runner = 'keepalive'},
       'running')
   else
     lost[#lost + 1] = id

@@ -1,14 +1,14 @@
 -- reclaim (the tick): take back expired leases, start calls whose time has come, and hand
 -- room to waiting calls of every gate of the group.
--- ARGV[1..3] see common.lua
--- ARGV[4] batch          int, most leases reclaimed in one call
--- ARGV[5] grace_ms       int, how long after its lease expired a call with no redelivery
+-- ARGV[1..4] see common.lua
+-- ARGV[5] batch          int, most leases reclaimed in one call
+-- ARGV[6] grace_ms       int, how long after its lease expired a call with no redelivery
 --                        coming is reported as dropped (unless its result arrived meanwhile)
--- ARGV[6] max_dispatches int, how many times a call may be handed room without starting
+-- ARGV[7] max_dispatches int, how many times a call may be handed room without starting
 --                        before it is given up
--- ARGV[7] backoff_ms     int, how long such a call waits (times its dispatches) before it
+-- ARGV[8] backoff_ms     int, how long such a call waits (times its dispatches) before it
 --                        competes again, behind the calls that waited meanwhile
--- ARGV[8] window_ms      int, how long a given-up call is remembered (a late copy is refused)
+-- ARGV[9] window_ms      int, how long a given-up call is remembered (a late copy is refused)
 -- Returns {epoch, {{id, state, runner, fence, backend, slot, redeliver, dispatches, message}...},
 --          ('lock-expired': a Semaphore hold whose waiter never took it)
 --          {{id, fence, message}...}, {"id runner"...}, {{id, waited ms, message}...}}:
@@ -16,8 +16,8 @@
 -- call's state then, or 'waiting' when it will be sent again, or 'abandoned'), handed-off
 -- calls, calls now reported dropped (message: an abandoned call's, else ''), and parked calls
 -- whose wait_timeout passed (they left their lanes and never run).
-local expired = redis.call('ZRANGEBYSCORE', K_HOLDERS, '-inf', NOW, 'LIMIT', 0, tonumber(ARGV[4]))
-local grace_ms, max_dispatches = tonumber(ARGV[5]), tonumber(ARGV[6])
+local expired = redis.call('ZRANGEBYSCORE', K_HOLDERS, '-inf', NOW, 'LIMIT', 0, tonumber(ARGV[5]))
+local grace_ms, max_dispatches = tonumber(ARGV[6]), tonumber(ARGV[7])
 local reclaimed, out = {}, {}
 local freed = {gates = {}, keys = {}}
 
@@ -54,13 +54,15 @@ for _, id in ipairs(expired) do
       if rec.dispatches >= max_dispatches then
         row[2] = 'abandoned'
         row[9] = redis.call('HGET', K_MESSAGES, id)
-        tombstone(id, tonumber(ARGV[8]))
-        forget(id, rec)
+        tombstone(id, tonumber(ARGV[9]))
+        finish(id, rec, 'DROPPED', 'abandoned', {reason = 'never started',
+          text = 'NeverStarted: handed room ' .. rec.dispatches .. ' times'})
       else
         row[2] = 'waiting'
+        note(id, rec, 'WAITING', 'lease-expired')
         rec.state = 'waiting'
         rec.slot = nil
-        rec.ready_ms = NOW + tonumber(ARGV[7]) * rec.dispatches
+        rec.ready_ms = NOW + tonumber(ARGV[8]) * rec.dispatches
         save(id, rec)
         redis.call('ZADD', K_DELAYED, rec.ready_ms, id)
         note_due(rec.ready_ms)
@@ -68,6 +70,7 @@ for _, id in ipairs(expired) do
     elseif rec.state == 'running' and redis.call('HEXISTS', K_MESSAGES, id) == 1 then
       -- It died (or stalled) while a copy of it waited as its backup: the copy runs instead,
       -- competing from now on, so the call is neither lost nor reported dropped.
+      note(id, rec, 'WAITING', 'lease-expired')
       rec.state = 'waiting'
       rec.slot = nil
       rec.ready_ms = NOW
@@ -79,6 +82,9 @@ for _, id in ipairs(expired) do
         -- Its worker died, or only stalled (a solo pool, a long pause), or a granted call's
         -- message was lost with the worker that held it: wait before saying so.
         suspect(id, rec)
+        -- Its history says so now; its dependents wait for the grace (it may still end).
+        note(id, rec, 'DROPPED', 'lease-expired')
+        keep_history(id, rec, 'DROPPED', {reason = 'lease expired', text = 'CallDropped'})
       end
       forget(id, rec)
     end
@@ -87,6 +93,22 @@ for _, id in ipairs(expired) do
 end
 local due = redis.call('ZRANGEBYSCORE', K_SUSPECT, '-inf', NOW - grace_ms)
 if #due > 0 then redis.call('ZREMRANGEBYSCORE', K_SUSPECT, '-inf', NOW - grace_ms) end
+for _, entry in ipairs(due) do
+  -- Reported dropped now: the calls that required it are cancelled.
+  local at = string.find(entry, ' ', 1, true)
+  finish(string.sub(entry, 1, (at or 0) - 1), nil, 'DROPPED', 'dropped',
+    {text = 'CallDropped'})
+end
+-- Requirement ends another group was told of but did not acknowledge: tell it again.
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', K_OUTBOX, '-inf', NOW, 'LIMIT', 0, 100)) do
+  local ok, n = pcall(cjson.decode, m)
+  if ok and type(n) == 'table' then
+    redis.call('ZADD', K_OUTBOX, NOW + OUTBOX_RETRY_MS, m)
+    FOLLOW[#FOLLOW + 1] = {TAG_NOTE, n.tag, n.dep, n.req, n.state, n.payload, n.text, n.task, m}
+  else
+    redis.call('ZREM', K_OUTBOX, m)
+  end
+end
 wake(freed)
 local expired = expire({})
 promote(true)
@@ -97,4 +119,5 @@ if queued ~= PARKED then
   redis.call('HSET', K_STATE, 'parked', queued)
 end
 pump(all_gates(), out)
+concat(out, FOLLOW)
 return {EPOCH, reclaimed, out, due, expired}

@@ -1,16 +1,17 @@
 -- resize: set the limit in force of a gate; raising it hands the new room out at once,
 -- lowering it stops new grants until the gate is under the new limit (nothing is killed).
--- ARGV[1..3] see common.lua
--- ARGV[4] gate
--- ARGV[5] limit      int (-1: only per-key limits apply)
+-- ARGV[1..4] see common.lua
+-- ARGV[5] gate
+-- ARGV[6] limit      int (-1: only per-key limits apply)
 -- Returns {epoch, old limit or '', {id, fence, message}...}.
-local name = ARGV[4]
+local name = ARGV[5]
 local g = gate(name)
 local old = g.limit
-seed(name, ARGV[5])
-g.limit = tonumber(ARGV[5])
+seed(name, ARGV[6])
+g.limit = tonumber(ARGV[6])
 redis.call('HSET', K_STATE, name .. ':limit', g.limit)
 local out = pump({name}, {})
 local r = {EPOCH, tostring(old or '')}
 for _, x in ipairs(out) do r[#r + 1] = x end
+for _, x in ipairs(FOLLOW) do r[#r + 1] = x end
 return r

@@ -1,16 +1,21 @@
 -- start: a worker begins running a call; mark it running and renew its lease.
--- ARGV[1..3] see common.lua
--- ARGV[4] call id
--- ARGV[5] runner     who runs it (host and pid), to tell a second live execution apart
--- ARGV[6] redeliver  '1' when the broker redelivers the call if its worker dies (acks_late)
--- Returns {epoch, code, fence, backend, {id, fence, message}...}; code:
+-- ARGV[1..4] see common.lua
+-- ARGV[5] call id
+-- ARGV[6] runner     who runs it (host and pid), to tell a second live execution apart
+-- ARGV[7] redeliver  '1' when the broker redelivers the call if its worker dies (acks_late)
+-- Returns {epoch, code, fence, backend, dependents (1: calls wait for its end, so its result
+-- is wanted), follow-up rows...}; code:
 --   1 run it;
 --   4 the call runs elsewhere right now: a duplicate delivery, do not run;
 --   5 the call waits for room again (its grant expired): skip, it will be sent again;
 --   7 the call holds nothing here: send it through the gate again;
 --   8 the call already ended, or was cancelled: a late copy, do not run.
-local id = ARGV[4]
-local out = {}
+local id = ARGV[5]
+local function reply(code, fence, backend)
+  local r = {EPOCH, code, fence, backend, redis.call('HEXISTS', K_DEPENDENTS, id)}
+  for _, g in ipairs(FOLLOW) do r[#r + 1] = g end
+  return r
+end
 
 local rec = load(id)
 if rec == false then
@@ -22,28 +27,30 @@ if rec then
   if rec.state == 'running' then
     rec.seen_twice = true
     save(id, rec)
-    return {EPOCH, 4, rec.fence, backend}
+    return reply(4, rec.fence, backend)
   end
+  if rec.state == 'needs' then return reply(5, 0, backend) end
   if rec.state == 'parked' or rec.state == 'waiting' then
     -- A late copy of a call whose grant expired: it may run now only if it fits.
     local verdict = fits(rec, rec.lane, nil)
-    if verdict ~= 'ok' then return {EPOCH, 5, 0, backend} end
+    if verdict ~= 'ok' then return reply(5, 0, backend) end
     forget(id, rec)
     rec.lane, rec.seq, rec.ready_ms = nil, nil, 0
-    rec.runner, rec.redeliver = ARGV[5], ARGV[6] == '1'
+    rec.runner, rec.redeliver = ARGV[6], ARGV[7] == '1'
     rec.seen_twice, rec.stored = true, nil
-    return {EPOCH, 1, grant(id, rec, 'running'), backend}
+    return reply(1, grant(id, rec, 'running'), backend)
   end
+  note(id, rec, 'RUNNING', 'start')
   rec.state = 'running'
   rec.ready_ms = 0
-  rec.runner = ARGV[5]
-  rec.redeliver = ARGV[6] == '1'
+  rec.runner = ARGV[6]
+  rec.redeliver = ARGV[7] == '1'
   -- A message kept in Redis is not needed once the run is recorded (it cannot be sent again).
   if rec.stored then redis.call('HDEL', K_MESSAGES, id) end
   rec.stored = nil
   save(id, rec)
   redis.call('ZADD', K_HOLDERS, NOW + rec.lease_ms, id)
-  return {EPOCH, 1, rec.fence, backend}
+  return reply(1, rec.fence, backend)
 end
-if redis.call('ZSCORE', K_ENDED, id) then return {EPOCH, 8, 0, ''} end
-return {EPOCH, 7, 0, ''}
+if redis.call('ZSCORE', K_ENDED, id) then return reply(8, 0, '') end
+return reply(7, 0, '')
