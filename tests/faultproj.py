@@ -226,6 +226,26 @@ def create_app(
             raise self.retry(countdown=countdown, queue=queue)
         return int(self.request.retries)
 
+    # A workflow node: its requirements' results arrive as the first argument. Late acks and
+    # reject-on-worker-lost on the task itself, so a killed run is redelivered whatever the
+    # app's settings; ``flag`` makes it run until the test sets it (a run sure to be killed).
+    @work_gate()
+    @app.task(
+        name="fault.step", bind=True, shared=False, acks_late=True, reject_on_worker_lost=True
+    )
+    def step(
+        self: Any, *inputs: Any, name: str = "", ms: float = 50, flag: str = "", max_s: float = 30.0
+    ) -> str:
+        begin(self)
+        try:
+            deadline = time.monotonic() + max_s
+            while flag and not probe.flag(flag) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(ms / 1000.0)
+        finally:
+            finish(self, got=list(inputs))
+        return name
+
     # A task a scheduler slot starts (TaskBackend): not @gated, it runs under the slot's header.
     @app.task(name="fault.job", bind=True, shared=False)
     def job(self: Any, flag: str, max_s: float = 30.0) -> str:
