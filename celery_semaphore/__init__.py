@@ -23,10 +23,12 @@ from .errors import (
     WaitTimeout,
     WorkflowError,
 )
+from .explain import Explanation, UnknownCall, explain
 from .extension import cancel, install
 from .graph import GraphvizMissing
 from .group import Acquired, Group, Started
 from .guard import current_fence, holds_slot, require_slot
+from .operations import gates
 from .recurring import Recurring, recurring
 from .runtime import Runtime, runtime_for
 from .scheduler import Scheduler
@@ -50,6 +52,9 @@ __all__ = [
     "Hold",
     "recurring",
     "Recurring",
+    "gates",
+    "explain",
+    "Explanation",
     "Workflow",
     "WorkflowRun",
     "Node",
@@ -83,6 +88,7 @@ __all__ = [
     "RequirementFailed",
     "WorkflowError",
     "GraphvizMissing",
+    "UnknownCall",
     "ScriptError",
     "__version__",
 ]

@@ -44,6 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "semaphore_max_dispatches": 5,
     "semaphore_history_ttl": 3600.0,
     "semaphore_track": False,
+    "semaphore_report_waiting": True,
 }
 
 #: The shortest lease accepted: a keepalive renews every third of it, and a lease shorter than
@@ -166,6 +167,7 @@ class Settings:
     max_dispatches: int = DEFAULTS["semaphore_max_dispatches"]
     history_ttl_s: float = DEFAULTS["semaphore_history_ttl"]
     track: bool = DEFAULTS["semaphore_track"]
+    report_waiting: bool = DEFAULTS["semaphore_report_waiting"]
     redis_url_is_broker: bool = False
 
     @classmethod
@@ -260,4 +262,5 @@ class Settings:
             max_dispatches=max_dispatches,
             history_ttl_s=check_history_ttl(get("semaphore_history_ttl")),
             track=check_flag("semaphore_track", get("semaphore_track")),
+            report_waiting=check_flag("semaphore_report_waiting", get("semaphore_report_waiting")),
         )

@@ -52,7 +52,7 @@ __all__ = [
 KEY_PARTS = (
     "state", "calls", "messages", "holders", "queue", "lanes", "bands", "blocked", "delayed",
     "usage", "ended", "suspect", "aside", "slots", "pending", "expires", "history", "done",
-    "dependents", "outbox",
+    "dependents", "outbox", "journal", "since",
 )  # fmt: skip
 
 
@@ -284,7 +284,7 @@ class Group:
         return Claimed(code_of("claim", reply, (1, 9, 10, 11, 12))), int(reply[2])
 
     def cancel(
-        self, task_id: str, *, reason: str = "", now_ms: int | None = None
+        self, task_id: str, *, reason: str = "", who: str = "", now_ms: int | None = None
     ) -> tuple[str, list[Reply]]:
         """Take a call that has not started out of its gates; it will never run.
 
@@ -293,7 +293,7 @@ class Group:
         required it, cancelled too).
         """
         window_ms = int(self.dedupe_window_s * 1000)
-        reply = self._run(self.scripts.cancel, now_ms, [task_id, window_ms, reason])
+        reply = self._run(self.scripts.cancel, now_ms, [task_id, window_ms, reason, who])
         grants, _ = _split_grants(reply[3:])
         return _text(reply[2]), grants
 
@@ -347,13 +347,26 @@ class Group:
             return None
 
     def resize(
-        self, gate: str, limit: int, *, now_ms: int | None = None
+        self, gate: str, limit: int, *, who: str = "", now_ms: int | None = None
     ) -> tuple[int | None, list[Reply]]:
-        """Set the limit in force of ``gate``; returns the old one and calls handed new room."""
-        reply = self._run(self.scripts.resize, now_ms, [gate, int(limit)])
+        """Set the limit in force of ``gate``; returns the old one and calls handed new room.
+
+        ``who`` (host:pid) journals it as an operator's change.
+        """
+        reply = self._run(self.scripts.resize, now_ms, [gate, int(limit), who])
         old = _text(reply[1])
         grants, _ = _split_grants(reply[2:])
         return (int(old) if old else None), grants
+
+    def operate(
+        self, op: str, gate: str, arg: str = "", *, who: str, now_ms: int | None = None
+    ) -> tuple[list[str], list[Reply]]:
+        """An operator's change (see lua/operate.lua): ``pause``, ``resume``, ``key-limit``
+        (``arg`` "<key>\\x1f<limit>"), ``purge`` (``arg`` the batch). Returns the ids of the
+        calls purged and the calls handed room."""
+        reply = self._run(self.scripts.operate, now_ms, [op, gate, arg, who])
+        grants, _ = _split_grants(reply[3:])
+        return [_text(x) for x in reply[2]], grants
 
     # Read-only views, for status displays, schedulers and tests.
 

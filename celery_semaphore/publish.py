@@ -19,7 +19,7 @@ from .errors import ConfigurationError, DuplicateCall, GateFull
 from .group import Acquired
 from .message import CapturingProducer, Envelope
 from .requires import free_gates, link_requirements, take_requirements
-from .results import fail_call, record_revoked
+from .results import PARKED, WAITING, fail_call, record_revoked, report_waiting
 from .runtime import HANDOFF_HEADER, Runtime
 from .spec import TaskGates, call_spec
 
@@ -33,6 +33,10 @@ HEADER = "semaphore_gate"
 GATES_HEADER = "semaphore_gates"
 #: Header of a copy sent back as the backup of a call that runs elsewhere (never published).
 BACKUP_HEADER = "semaphore_backup"
+
+
+#: The result state shown while a call waits in its gate (see results.report_waiting).
+_WAITS = {Acquired.PARKED: PARKED, Acquired.WAITING: WAITING, Acquired.NEEDS: WAITING}
 
 
 class Publisher:
@@ -121,6 +125,8 @@ class Publisher:
             )
             note_limits(rt, gates, stored)
             rt.dispatch(gates.group, grants)
+            if rt.settings.report_waiting and outcome in _WAITS:
+                report_waiting(rt.app, task_id, _WAITS[outcome])
             if outcome is Acquired.NEEDS and needs is not None:
                 try:
                     link_requirements(rt, gates.group, task_id, needs.requirements, needs.future)

@@ -21,6 +21,9 @@ __all__ = [
     "record_failure",
     "record_never_started",
     "record_revoked",
+    "report_waiting",
+    "PARKED",
+    "WAITING",
     "request_of",
 ]
 
@@ -47,6 +50,37 @@ def record_dropped(app: Celery, group: str, task_id: str, runner: str) -> bool:
 def record_never_started(app: Celery, group: str, task_id: str, queue: str, attempts: int) -> bool:
     """Record ``NeverStarted`` for a call handed room again and again that never started."""
     return record_failure(app, task_id, NeverStarted(group, task_id, queue, attempts))
+
+
+#: Result states of a call that waits in its gate (Celery's own states replace them once it runs).
+PARKED, WAITING = "PARKED", "WAITING"
+
+
+def report_waiting(app: Celery, task_id: str, state: str) -> bool:
+    """Show ``state`` (PARKED or WAITING) as the call's result state while it waits.
+
+    Written only where no state is stored yet (``SET NX``), so a call that was handed room and
+    ran meanwhile keeps its own state. Only a Redis result backend offers that; with another
+    one (or none) nothing is written. Returns whether it was written.
+    """
+    backend = app.backend
+    client = getattr(backend, "client", None)
+    key_for = getattr(backend, "get_key_for_task", None)
+    try:
+        meta = backend._get_result_meta(result=None, state=state, traceback=None, request=None)
+        meta["task_id"] = task_id
+        if client is not None and key_for is not None:
+            expires = backend.expires
+            seconds = int(expires.total_seconds()) if hasattr(expires, "total_seconds") else expires
+            return bool(
+                client.set(key_for(task_id), backend.encode(meta), nx=True, ex=seconds or None)
+            )
+        return False
+    except NotImplementedError:  # no result backend
+        return False
+    except Exception:  # a report is a courtesy: the call itself is accepted already
+        logger.warning("celery_semaphore: could not report %s for call %s", state, task_id)
+        return False
 
 
 def record_revoked(app: Celery, task_id: str, reason: str) -> None:

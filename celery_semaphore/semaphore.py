@@ -25,6 +25,7 @@ from .errors import AcquireTimeout, ConfigurationError
 from .extension import install
 from .graph import gate_dot
 from .group import Acquired, Group, Started
+from .operations import GateOperations
 from .runtime import LOCK_MESSAGE, Runtime, wake_channel
 from .spec import CallSpec
 
@@ -79,8 +80,10 @@ class Hold:
         self.release()
 
 
-class Semaphore:
-    """A gate, for code that is not a task.
+class Semaphore(GateOperations):
+    """A gate, for code that is not a task, and the admin API of a gate (see
+    :class:`~celery_semaphore.operations.GateOperations`: status, holders, parked, resize,
+    pause, resume, cancel, purge, metrics).
 
     Args:
         name: the gate's name (shared with ``@gated(name)`` tasks).
@@ -255,12 +258,6 @@ class Semaphore:
     def held(self) -> int:
         """Units of the gate held now (tasks and holds, weights counted)."""
         return self.group.used(self.name)
-
-    def resize(self, limit: int) -> int | None:
-        """Set the limit in force; returns the old one. Raising it hands room out at once."""
-        old, grants = self.group.resize(self.name, check_limit(self.name, limit))
-        self.runtime.dispatch(self.group.name, grants)
-        return old
 
 
 def _runner() -> str:

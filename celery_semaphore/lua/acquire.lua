@@ -112,6 +112,7 @@ if rec.needs and #rec.needs > 0 then
   if delay_ms > 0 then rec.ready_ms = NOW + delay_ms end
   rec.stored, rec.met, rec.inputs = true, {}, {}
   save(id, rec)
+  redis.call('HINCRBY', K_STATE, 'needs', 1)
   redis.call('HSET', K_MESSAGES, id, message)
   return reply(11, 0)
 end
@@ -136,8 +137,14 @@ if cap > 0 then
   local pending = pending_of(rec)
   if pending >= cap then
     local policy = rec.on_full or 'park'
-    if policy == 'reject' then return reply(8, pending) end
-    if policy == 'drop' then return reply(9, pending) end
+    if policy == 'reject' then
+      count(rec.gates, 'rejected')
+      return reply(8, pending)
+    end
+    if policy == 'drop' then
+      count(rec.gates, 'dropped')
+      return reply(9, pending)
+    end
     -- Debounce: the newest call of its gates and keys takes the place of their oldest
     -- waiting call, whatever that one's priority (a lane is one priority only).
     local victim, victim_seq = nil, nil

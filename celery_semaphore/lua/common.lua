@@ -4,10 +4,13 @@
 -- one Redis Cluster slot, so stacked gates are one atomic step):
 --   KEYS[1]  {prefix:G}:state     hash  epoch, fence, seq, turn, gate_count, gates (csv),
 --                                       recover_until, lost:<epoch>, parked (calls in the
---                                       queue), next_due (earliest start time waiting);
+--                                       queue), next_due (earliest start time waiting),
+--                                       needs (calls waiting for requirements);
 --                                       per gate <gate>:limit
 --                                       (-1 = per-key limits only), <gate>:used (units held),
---                                       <gate>:index (its band, 0..255)
+--                                       <gate>:index (its band, 0..255), <gate>:paused,
+--                                       <gate>:peak (most units held at once),
+--                                       <gate>\31<key>:limit (a key limit resized live)
 --   KEYS[2]  {prefix:G}:calls     hash  call id -> JSON record (see below)
 --   KEYS[3]  {prefix:G}:messages  hash  call id -> serialized message (opaque to Lua), kept
 --                                       while a call waits and until a handed-off call starts
@@ -40,6 +43,12 @@
 --   KEYS[19] {prefix:G}:dependents hash call id -> "<tag>\31<dependent id>" entries joined
 --                                       by \30 (tag: the dependent's "{prefix:group}"):
 --                                       calls that wait for this one's end
+--   KEYS[21] {prefix:G}:journal   list  the operations done on the group's gates, newest first
+--                                       (JSON {ms, who, what}), the last 100
+--   KEYS[22] {prefix:G}:since     zset  parked call id -> when it parked (the oldest parked)
+-- Metrics live in the state hash (a group at rest keeps that hash only): "m\31<gate>\31
+-- <counter>" -> count; "m\31<gate>\31<wait|hold>\31<bucket>" -> calls in that bucket, and
+-- "...\31sum" -> ms.
 --   KEYS[20] {prefix:G}:outbox    zset  notice JSON {tag, dep, req, state, payload, text,
 --                                       task} -> when to tell the dependent's group again
 --                                       that its requirement ended (until acknowledged)
@@ -70,6 +79,7 @@ local K_QUEUE, K_LANES, K_BANDS, K_BLOCKED = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local K_DELAYED, K_USAGE, K_ENDED, K_SUSPECT = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
 local K_ASIDE, K_SLOTS, K_PENDING, K_EXPIRES = KEYS[13], KEYS[14], KEYS[15], KEYS[16]
 local K_HISTORY, K_DONE, K_DEPENDENTS, K_OUTBOX = KEYS[17], KEYS[18], KEYS[19], KEYS[20]
+local K_JOURNAL, K_SINCE = KEYS[21], KEYS[22]
 local HISTORY_MS = tonumber(ARGV[4]) or 0
 -- This group's hash tag "{prefix:group}": dependents under it are served in the same step.
 local GROUP = string.sub(KEYS[1], 1, #KEYS[1] - 6)
@@ -139,6 +149,38 @@ local FOLLOW = {}
 local TAG_TRACE, TAG_END, TAG_NOTE = string.char(30) .. 't', string.char(30) .. 'end',
   string.char(30) .. 'note'
 
+-- Metrics, counted by the scripts that already run: counters per gate, and histograms of
+-- the time calls waited for room and held it, in fixed buckets (ms; the last is +Inf).
+local METRIC = 'm' .. SEP
+local BUCKETS_MS = {5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
+  300000, 1800000}
+
+local function count(names, what)
+  for _, name in ipairs(names) do redis.call('HINCRBY', K_STATE, METRIC .. name .. SEP .. what, 1) end
+end
+
+local function observe(names, what, ms)
+  if ms < 0 then ms = 0 end
+  local bucket = #BUCKETS_MS + 1
+  for i, le in ipairs(BUCKETS_MS) do
+    if ms <= le then
+      bucket = i
+      break
+    end
+  end
+  for _, name in ipairs(names) do
+    local field = METRIC .. name .. SEP .. what .. SEP
+    redis.call('HINCRBY', K_STATE, field .. bucket, 1)
+    redis.call('HINCRBY', K_STATE, field .. 'sum', ms)
+  end
+end
+
+-- An operation on a gate, for its journal: who (host:pid), when, what.
+local function journal(who, what)
+  redis.call('LPUSH', K_JOURNAL, cjson.encode({ms = NOW, who = who, what = what}))
+  redis.call('LTRIM', K_JOURNAL, 0, 99)
+end
+
 -- The call state machine (public names). A transition not listed is refused and logged.
 local MOVES = {
   NEW = {WAITING = 1, PARKED = 1, DISPATCHED = 1},
@@ -176,8 +218,10 @@ local GATES = {}
 local function gate(name)
   local g = GATES[name]
   if g then return g end
-  local v = redis.call('HMGET', K_STATE, name .. ':limit', name .. ':used', name .. ':index')
-  g = {name = name, limit = tonumber(v[1]), used = tonumber(v[2]) or 0, index = tonumber(v[3])}
+  local v = redis.call('HMGET', K_STATE, name .. ':limit', name .. ':used', name .. ':index',
+    name .. ':paused', name .. ':peak')
+  g = {name = name, limit = tonumber(v[1]), used = tonumber(v[2]) or 0, index = tonumber(v[3]),
+    paused = v[4] == '1', peak = tonumber(v[5]) or 0}
   GATES[name] = g
   return g
 end
@@ -201,7 +245,7 @@ local function seed(name, limit)
 end
 
 local function room(g)
-  if g.limit == nil then return 0 end
+  if g.limit == nil or g.paused then return 0 end
   if g.limit < 0 then return math.huge end
   return g.limit - g.used
 end
@@ -302,6 +346,10 @@ local function fits(rec, lane, score)
   end
   for i, name in ipairs(rec.gates) do
     local key, cap = rec.keys[i] or '', tonumber(rec.key_limits[i]) or 0
+    if key ~= '' then
+      -- A limit resized live (operate.lua) overrides the configured one.
+      cap = tonumber(redis.call('HGET', K_STATE, name .. SEP .. key .. ':limit')) or cap
+    end
     if key ~= '' and cap > 0 then
       local used = tonumber(redis.call('HGET', K_USAGE, name .. SEP .. key)) or 0
       if used + rec.weights[i] > cap then return 'key', gate(name), key end
@@ -316,9 +364,15 @@ local function grant(id, rec, state)
     local g = gate(name)
     g.used = g.used + rec.weights[i]
     redis.call('HSET', K_STATE, name .. ':used', g.used)
+    if g.used > g.peak then
+      g.peak = g.used
+      redis.call('HSET', K_STATE, name .. ':peak', g.used)
+    end
     local key = rec.keys[i] or ''
     if key ~= '' then redis.call('HINCRBY', K_USAGE, name .. SEP .. key, rec.weights[i]) end
   end
+  observe(rec.gates, 'wait', NOW - (tonumber(rec.parked_ms) or NOW))
+  rec.parked_ms, rec.granted_ms = nil, NOW
   rec.fence = redis.call('HINCRBY', K_STATE, 'fence', 1)
   if state == 'running' then note(id, rec, 'RUNNING', 'start') else note(id, rec, 'DISPATCHED', 'grant') end
   rec.state = state
@@ -331,6 +385,7 @@ end
 
 -- Give the call's units back; returns the gates and keys that gained room.
 local function ungrant(id, rec, freed)
+  if rec.granted_ms then observe(rec.gates, 'hold', NOW - rec.granted_ms) end
   for i, name in ipairs(rec.gates) do
     local g = gate(name)
     g.used = math.max(0, g.used - rec.weights[i])
@@ -372,6 +427,7 @@ local function unqueue(id, rec, member)
     if redis.call('HINCRBY', K_PENDING, field, -1) <= 0 then redis.call('HDEL', K_PENDING, field) end
   end
   redis.call('ZREM', K_EXPIRES, id)
+  redis.call('ZREM', K_SINCE, id)
 end
 
 -- Remove a parked call from its lane; the lane goes when it is empty.
@@ -395,6 +451,8 @@ local function park(id, rec, verdict, g, key, event)
   save(id, rec)
   redis.call('ZADD', K_QUEUE, 0, member_of(rec, id))
   PARKED = redis.call('HINCRBY', K_STATE, 'parked', 1)
+  redis.call('ZADD', K_SINCE, NOW, id)
+  count(rec.gates, 'parked')
   redis.call('HINCRBY', K_PENDING, pending_field(rec), 1)
   if (tonumber(rec.wait_ms) or 0) > 0 then
     redis.call('ZADD', K_EXPIRES, NOW + tonumber(rec.wait_ms), id)
@@ -413,6 +471,7 @@ end
 
 local function forget(id, rec)
   if rec and rec.state == 'parked' and rec.lane then unpark(id, rec) end
+  if rec and rec.state == 'needs' then redis.call('HINCRBY', K_STATE, 'needs', -1) end
   redis.call('ZREM', K_HOLDERS, id)
   if not rec or rec.state == 'waiting' or rec.state == 'needs' then
     redis.call('ZREM', K_DELAYED, id)
@@ -467,8 +526,9 @@ local function serve(g, lane, out)
     return true
   end
   unqueue(id, rec, m)
-  rec.lane, rec.seq, rec.ready_ms, rec.parked_ms = nil, nil, 0, nil
+  rec.lane, rec.seq, rec.ready_ms = nil, nil, 0
   out[#out + 1] = {id, grant(id, rec, 'granted'), message, inputs_of(rec)}
+  count(rec.gates, 'dispatched')
   if lane_head(lane) then
     -- Round robin: a served lane goes behind the other lanes of its priority.
     L.turn = redis.call('HINCRBY', K_STATE, 'turn', 1)
@@ -617,6 +677,7 @@ end
 
 -- A waiting call may now compete for its gates, like a new one.
 local function admit(id, rec, event)
+  if rec.state == 'needs' then redis.call('HINCRBY', K_STATE, 'needs', -1) end
   if (tonumber(rec.ready_ms) or 0) > NOW then
     rec.state = 'waiting'
     save(id, rec)
@@ -628,6 +689,7 @@ local function admit(id, rec, event)
   local fence, verdict, g, key = try_grant(id, rec)
   if fence then
     FOLLOW[#FOLLOW + 1] = {id, fence, redis.call('HGET', K_MESSAGES, id) or '', inputs_of(rec)}
+    count(rec.gates, 'dispatched')
   else
     park_at(id, rec, verdict, g, key, event)
   end
@@ -639,7 +701,10 @@ local satisfy
 -- info: reason, text (its error as text), payload (its encoded result or error).
 local function finish(id, rec, final, event, info)
   info = info or {}
-  if rec then note(id, rec, final, event) end
+  if rec then
+    note(id, rec, final, event)
+    if final ~= 'SUCCEEDED' and final ~= 'FAILED' then count(rec.gates, string.lower(final)) end
+  end
   local raw = redis.call('HGET', K_DEPENDENTS, id)
   if raw then
     redis.call('HDEL', K_DEPENDENTS, id)

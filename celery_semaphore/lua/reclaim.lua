@@ -38,6 +38,7 @@ for _, id in ipairs(expired) do
     local row = {id, rec.state, rec.runner or '', rec.fence, rec.backend or '', rec.slot or '',
       redeliver, rec.dispatches or 0, ''}
     ungrant(id, rec, freed)
+    count(rec.gates, 'reclaimed')
     redis.call('ZREM', K_HOLDERS, id)
     local message = redis.call('HGET', K_MESSAGES, id)
     if rec.state == 'granted' and message and string.sub(message, 1, 15) == 'semaphore-lock:' then

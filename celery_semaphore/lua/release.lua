@@ -33,6 +33,7 @@ elseif rec and (rec.state == 'granted' or rec.state == 'running')
     tombstone(id, tonumber(ARGV[7]))
   end
   ungrant(id, rec, freed)
+  count(rec.gates, 'released')
   finish(id, rec, final, 'end', info)
   released = 1
 elseif not rec then
