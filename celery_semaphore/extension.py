@@ -66,9 +66,18 @@ def install(app: Celery) -> Runtime:
 
 
 def install_if_gated(app: Celery) -> None:
-    """Install on ``app`` when one of its tasks is gated (a hook run when an app is finalized)."""
-    if runtime_for(app) is None and any(specs_of(t) for t in list(app._tasks.values())):
-        install(app)
+    """Install on ``app`` when one of its tasks is gated (a hook run when an app is finalized).
+
+    Celery runs its finalize hooks in no set order, so a ``@shared_task`` may be registered
+    after this hook ran: the check is made again once the app is finalized.
+    """
+
+    def check(**_: Any) -> None:
+        if runtime_for(app) is None and any(specs_of(t) for t in list(app._tasks.values())):
+            install(app)
+
+    check()
+    app.on_after_finalize.connect(check, weak=False, dispatch_uid=f"celery_semaphore.{id(app)}")
 
 
 def _build_scheduler(rt: Runtime) -> Scheduler | None:

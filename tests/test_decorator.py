@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import pytest
 from celery import Celery, shared_task
@@ -194,3 +196,40 @@ def test_a_gated_call_under_task_protocol_1_is_refused_not_sent_ungated() -> Non
 
     with pytest.raises(ConfigurationError, match="task protocol 2"):
         p1.delay()
+
+
+ORDER_CHECK = """
+from celery import Celery, shared_task
+from celery_semaphore import gated, runtime_for
+
+@shared_task(name="order.check")
+@gated("reports", limit=2)
+def build(n):
+    return n
+
+app = Celery("order", broker="memory://", set_as_current=False)
+app.conf.semaphore_redis_url = "redis://127.0.0.1:1/0"
+app.finalize()
+print(type(app.amqp.send_task_message).__name__ if runtime_for(app) else "not installed")
+"""
+
+
+def test_a_shared_task_above_gated_is_gated_whatever_order_celery_finalizes_in(
+    tmp_path: Any,
+) -> None:
+    # Celery runs its finalize hooks from a set: their order changes with the hash seed. The
+    # app must get the extension in every order (it once did in about half of them).
+    script = tmp_path / "order_check.py"
+    script.write_text(ORDER_CHECK)
+    seen = set()
+    for seed in range(8):
+        done = subprocess.run(
+            [sys.executable, str(script)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        seen.add(done.stdout.strip())
+    assert seen == {"Publisher"}
