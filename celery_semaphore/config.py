@@ -11,12 +11,14 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from .connect import check_url
 from .errors import ConfigurationError
 
 __all__ = [
     "DEFAULTS",
     "MIN_LEASE_S",
     "Settings",
+    "check_count",
     "check_flag",
     "check_history_ttl",
     "check_limit",
@@ -45,6 +47,8 @@ DEFAULTS: dict[str, Any] = {
     "semaphore_history_ttl": 3600.0,
     "semaphore_track": False,
     "semaphore_report_waiting": True,
+    "semaphore_redis_cluster": False,
+    "semaphore_redis_wait_replicas": 0,
 }
 
 #: The shortest lease accepted: a keepalive renews every third of it, and a lease shorter than
@@ -104,6 +108,13 @@ def check_history_ttl(value: object) -> float:
     if value == 0 and not isinstance(value, bool):
         return 0.0
     return check_seconds("semaphore_history_ttl", value)
+
+
+def check_count(name: str, value: object) -> int:
+    """Return ``value`` as an int >= 0, or raise naming the setting."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigurationError(f"{name} must be an int >= 0, got {value!r}")
+    return value
 
 
 def check_flag(name: str, value: object) -> bool:
@@ -168,6 +179,8 @@ class Settings:
     history_ttl_s: float = DEFAULTS["semaphore_history_ttl"]
     track: bool = DEFAULTS["semaphore_track"]
     report_waiting: bool = DEFAULTS["semaphore_report_waiting"]
+    redis_cluster: bool = DEFAULTS["semaphore_redis_cluster"]
+    wait_replicas: int = DEFAULTS["semaphore_redis_wait_replicas"]
     redis_url_is_broker: bool = False
 
     @classmethod
@@ -193,8 +206,7 @@ class Settings:
                     "set semaphore_redis_url to the Redis that holds the gates "
                     "(the broker is not Redis, so it cannot be used as the default)"
                 )
-        if not isinstance(url, str) or "://" not in url:
-            raise ConfigurationError(f"semaphore_redis_url must be a redis:// URL, got {url!r}")
+        url = check_url(url)
         prefix = check_name("semaphore_key_prefix", get("semaphore_key_prefix"))
         slots = get("semaphore_slots") or []
         if not isinstance(slots, (list, tuple)):
@@ -263,4 +275,8 @@ class Settings:
             history_ttl_s=check_history_ttl(get("semaphore_history_ttl")),
             track=check_flag("semaphore_track", get("semaphore_track")),
             report_waiting=check_flag("semaphore_report_waiting", get("semaphore_report_waiting")),
+            redis_cluster=check_flag("semaphore_redis_cluster", get("semaphore_redis_cluster")),
+            wait_replicas=check_count(
+                "semaphore_redis_wait_replicas", get("semaphore_redis_wait_replicas")
+            ),
         )

@@ -9,17 +9,20 @@ a :class:`Group` knows call ids, gates, leases and opaque messages, so the Celer
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import redis
 
 from .config import DEFAULTS
+from .due import index_key, note_due
 from .errors import AcceptanceUnknown, RedisUnavailable
 from .outcome import (
     Acquired,
     Admission,
     Claimed,
+    Due,
     Ended,
     Grant,
     Malformed,
@@ -32,6 +35,8 @@ from .outcome import (
     Trace,
 )
 from .scripts import Scripts, code_of
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "Acquired",
@@ -94,6 +99,8 @@ class Group:
         dropped_after_s: float = DEFAULTS["semaphore_dropped_after"],
         max_dispatches: int = DEFAULTS["semaphore_max_dispatches"],
         history_s: float = DEFAULTS["semaphore_history_ttl"],
+        wait_replicas: int = 0,
+        cluster: bool = False,
     ) -> None:
         self.client = client
         self.scripts = scripts
@@ -104,7 +111,12 @@ class Group:
         self.dropped_after_s = dropped_after_s
         self.max_dispatches = max_dispatches
         self.history_ms = int(history_s * 1000)
+        #: Replicas each state change must reach before a script's answer is trusted (WAIT).
+        self.wait_replicas = wait_replicas
         self.keys = dict(zip(KEY_PARTS, keys_for(prefix, name), strict=True))
+        #: On a Redis Cluster the tick's index is another slot's key: the client writes it.
+        self.cluster = cluster
+        self.keys["index"] = f"{{{prefix}:{name}}}:ticks" if cluster else index_key(prefix)
         self._keys = tuple(self.keys.values())
         #: The group's hash tag, which names it in other groups' dependents lists.
         self.tag = f"{{{prefix}:{name}}}"
@@ -128,10 +140,42 @@ class Group:
             if task_id and "connecting" not in str(exc):
                 raise AcceptanceUnknown(self.url, task_id, exc) from exc
             raise RedisUnavailable(self.url, exc) from exc
-        except redis.ConnectionError as exc:
+        except (redis.ConnectionError, redis.exceptions.ClusterError) as exc:
             raise RedisUnavailable(self.url, exc) from exc
         self.epoch = _text(reply[0])
+        if self.wait_replicas:
+            self._replicated(task_id)
         return reply
+
+    def _replicated(self, task_id: str) -> None:
+        """Wait until the change reached ``wait_replicas`` replicas (Redis WAIT), so a failover
+        cannot lose it; a submit that did not within the client's timeout raises
+        ``AcceptanceUnknown``, anything else is logged."""
+        kwargs = getattr(self.client, "connection_pool", None)
+        timeout = getattr(kwargs, "connection_kwargs", {}).get("socket_timeout") or 5.0
+        try:
+            acked = int(self.client.execute_command("WAIT", self.wait_replicas, int(timeout * 500)))
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise RedisUnavailable(self.url, exc) from exc
+        if acked < self.wait_replicas:
+            short = redis.TimeoutError(
+                f"the change reached {acked} of {self.wait_replicas} replicas "
+                "(semaphore_redis_wait_replicas); a failover now could lose it"
+            )
+            if task_id:  # a submit: its caller must not take the call for accepted
+                raise AcceptanceUnknown(self.url, task_id, short)
+            # A start, an end, a tick: done on the master all the same; refusing it now would
+            # skip a run Redis recorded.
+            logger.warning("gate group %r: %s", self.name, short)
+
+    def _split(self, rows: Iterable[Any]) -> tuple[list[Reply], list[Malformed]]:
+        """A reply's grants and follow-ups; a ``Due`` row goes to the tick's index here."""
+        grants, malformed = _split_grants(rows)
+        due = [g for g in grants if isinstance(g, Due)]
+        if due:
+            note_due(self.client, self.prefix, self.tag, min(d.ms for d in due))
+            grants = [g for g in grants if not isinstance(g, Due)]
+        return grants, malformed
 
     def _lease(self, lease_ms: int) -> int:
         # Recovery after lost data must outlast the longest lease handed out.
@@ -175,7 +219,7 @@ class Group:
         outcome = Acquired(int(reply[1]))
         self._expect_full = outcome is Acquired.PARKED
         stored = [int(x) if x else 0 for x in _text(reply[3]).split(",")]
-        grants, _ = _split_grants(reply[5:])
+        grants, _ = self._split(reply[5:])
         extra: tuple[Any, ...] = ()
         if reply[4]:
             kind = _text(reply[4][0])
@@ -194,7 +238,7 @@ class Group:
         """
         reply = self._run(self.scripts.start, now_ms, [task_id, runner, int(redeliver)])
         verdict = Started(code_of("start", reply, (1, 4, 5, 7, 8)))
-        follow, _ = _split_grants(reply[5:])
+        follow, _ = self._split(reply[5:])
         return verdict, int(reply[2]), _text(reply[3]), bool(int(reply[4])), follow
 
     def release(
@@ -217,7 +261,7 @@ class Group:
         window_ms = int(self.dedupe_window_s * 1000)
         args = [task_id, fence_arg, window_ms, state, payload, text]
         reply = self._run(self.scripts.release, now_ms, args)
-        grants, malformed = _split_grants(reply[4:])
+        grants, malformed = self._split(reply[4:])
         return Release(bool(int(reply[1])), _text(reply[2]), _text(reply[3]), grants, malformed)
 
     def keepalive(
@@ -262,10 +306,12 @@ class Group:
             )
             for i, s, w, f, b, n, a, d, m in reply[1]
         ]
-        grants, malformed = _split_grants(reply[2])
+        grants, malformed = self._split(reply[2])
         dropped = [tuple(_text(x).split(" ", 1)) for x in reply[3]]
         expired = [(_text(i), int(w) / 1000.0, m, _text(g)) for i, w, m, g in reply[4]]
-        return Reclaim(reclaimed, grants, malformed, [(d[0], d[-1]) for d in dropped], expired)
+        next_due = int(reply[5]) if len(reply) > 5 and reply[5] else None
+        pairs = [(d[0], d[-1]) for d in dropped]
+        return Reclaim(reclaimed, grants, malformed, pairs, expired, next_due)
 
     def claim(
         self,
@@ -294,7 +340,7 @@ class Group:
         """
         window_ms = int(self.dedupe_window_s * 1000)
         reply = self._run(self.scripts.cancel, now_ms, [task_id, window_ms, reason, who])
-        grants, _ = _split_grants(reply[3:])
+        grants, _ = self._split(reply[3:])
         return _text(reply[2]), grants
 
     def link(
@@ -327,12 +373,12 @@ class Group:
         still waited for it, and the follow-ups (it granted, or ended, and so on)."""
         args = [dependent, requirement, state, payload, text, task]
         reply = self._run(self.scripts.satisfy, None, args)
-        follow, _ = _split_grants(reply[2:])
+        follow, _ = self._split(reply[2:])
         return bool(int(reply[1])), follow
 
     def acknowledge(self, notice: str) -> None:
         """Forget a notice to another group once that group counted it (see the outbox)."""
-        self._call(self.client.zrem, self.keys["outbox"], notice)
+        self._run(self.scripts.ack, None, [notice])
 
     def history(self, task_id: str) -> dict[str, Any] | None:
         """A call's story: its live record, or its history once it ended (kept for
@@ -355,7 +401,7 @@ class Group:
         """
         reply = self._run(self.scripts.resize, now_ms, [gate, int(limit), who])
         old = _text(reply[1])
-        grants, _ = _split_grants(reply[2:])
+        grants, _ = self._split(reply[2:])
         return (int(old) if old else None), grants
 
     def operate(
@@ -365,7 +411,7 @@ class Group:
         (``arg`` "<key>\\x1f<limit>"), ``purge`` (``arg`` the batch). Returns the ids of the
         calls purged and the calls handed room."""
         reply = self._run(self.scripts.operate, now_ms, [op, gate, arg, who])
-        grants, _ = _split_grants(reply[3:])
+        grants, _ = self._split(reply[3:])
         return [_text(x) for x in reply[2]], grants
 
     # Read-only views, for status displays, schedulers and tests.
@@ -453,6 +499,8 @@ def _split_grants(rows: Iterable[Any]) -> tuple[list[Reply], list[Malformed]]:
             grants.append(
                 Ended(i, state, task, cause_id, cause_task, cause_text, row[7], bool(int(row[8])))
             )
+        elif head == TAG_DUE:
+            grants.append(Due(int(row[1])))
         elif head == TAG_NOTE:
             grants.append(Notice(*(_text(x) for x in row[1:9])))
         elif int(row[1]) < 0:
@@ -464,4 +512,4 @@ def _split_grants(rows: Iterable[Any]) -> tuple[list[Reply], list[Malformed]]:
 
 
 #: Tags of the follow-up rows of a script's reply (see lua/common.lua, FOLLOW).
-TAG_TRACE, TAG_END, TAG_NOTE = "\x1et", "\x1eend", "\x1enote"
+TAG_TRACE, TAG_END, TAG_NOTE, TAG_DUE = "\x1et", "\x1eend", "\x1enote", "\x1edue"

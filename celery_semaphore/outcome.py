@@ -10,6 +10,7 @@ __all__ = [
     "Acquired",
     "Admission",
     "Claimed",
+    "Due",
     "Ended",
     "Grant",
     "Notice",
@@ -129,8 +130,15 @@ class Notice:
     member: str  # its entry in the requirement's outbox, removed once acknowledged
 
 
+@dataclasses.dataclass(frozen=True)
+class Due:
+    """The group has something due at ``ms`` (Redis time) earlier than the tick knew."""
+
+    ms: int
+
+
 #: What a script hands back beside its own answer: calls to publish and follow-ups.
-Reply = Grant | Trace | Ended | Notice
+Reply = Grant | Trace | Ended | Notice | Due
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,3 +193,5 @@ class Reclaim(NamedTuple):
     dropped: list[tuple[str, str]]
     #: (call id, seconds waited, message, gate) of parked calls whose wait_timeout passed.
     expired: list[tuple[str, float, bytes, str]] = []
+    #: When anything of the group is next due (ms, Redis time), None when nothing is.
+    next_due: int | None = None

@@ -20,7 +20,8 @@ from celery.utils.log import get_logger
 from kombu.utils.url import maybe_sanitize_url
 
 from .config import Settings
-from .errors import ConfigurationError
+from .connect import connect, kind_of, sanitize
+from .errors import ConfigurationError, RedisUnavailable
 from .group import Grant, Group, Malformed
 from .inputs import INPUTS_HEADER
 from .message import Envelope
@@ -96,6 +97,8 @@ class Runtime:
         self.scheduler_factory: Any = None
         self._scheduler: Any = None
         self._scheduler_built = False
+        #: Where the tick's sweep over every group goes on (see tick._sweep).
+        self.sweep_cursor = 0
         #: Acts on a script's follow-ups (set by ``install``: see :mod:`.requires`).
         self.follow: Callable[[str, Sequence[Reply]], None] | None = None
         #: Called with (task id, its workflow header) when a call fails (see fail_fast).
@@ -126,11 +129,18 @@ class Runtime:
 
     @cached_property
     def client(self) -> redis.Redis:
-        """The Redis client of the gates (redis-py resets its pool in a forked child)."""
-        timeout = self.settings.redis_timeout_s
-        return redis.Redis.from_url(
-            self.settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
-        )
+        """The Redis client of the gates: one server, a Sentinel's master, or a Redis Cluster
+        (see :mod:`.connect`; redis-py resets its pool in a forked child).
+
+        Raises:
+            RedisUnavailable: a cluster none of whose nodes answers.
+        """
+        s = self.settings
+        try:
+            client = connect(s.redis_url, cluster=s.redis_cluster, timeout_s=s.redis_timeout_s)
+        except redis.RedisError as exc:
+            raise RedisUnavailable(self.url, exc) from exc
+        return client  # type: ignore[no-any-return]
 
     @cached_property
     def scripts(self) -> Scripts:
@@ -140,7 +150,7 @@ class Runtime:
     @property
     def url(self) -> str:
         """The gates' Redis URL without its password."""
-        return str(maybe_sanitize_url(self.settings.redis_url))
+        return sanitize(str(maybe_sanitize_url(self.settings.redis_url)))
 
     def group(self, name: str) -> Group:
         """The :class:`Group` named ``name`` (built once per process)."""
@@ -160,6 +170,8 @@ class Runtime:
                         dropped_after_s=s.dropped_after_s,
                         max_dispatches=s.max_dispatches,
                         history_s=s.history_ttl_s,
+                        wait_replicas=s.wait_replicas,
+                        cluster=kind_of(s.redis_url, s.redis_cluster) == "cluster",
                     )
                     group.recover_ms = int(s.lease_s * 1000)
         return group

@@ -20,7 +20,7 @@ __all__ = ["NAMES", "STANDALONE", "Scripts", "source"]
 #: The scripts of a gate group: each is common.lua followed by its own file.
 NAMES = (
     "acquire", "start", "release", "keepalive", "reclaim", "claim", "cancel", "resize", "link",
-    "satisfy", "operate",
+    "satisfy", "operate", "ack",
 )  # fmt: skip
 #: Scripts of the recurring schedules, which stand alone (their keys are not a group's).
 STANDALONE = ("recur_add", "recur_take", "recur_note")
@@ -50,6 +50,7 @@ class Scripts:
     link: Script
     satisfy: Script
     operate: Script
+    ack: Script
     recur_add: Script
     recur_take: Script
     recur_note: Script

@@ -15,6 +15,7 @@ from celery import Celery
 from celery.utils.log import get_logger
 from kombu.utils import json
 
+from .due import due_groups, settle
 from .errors import WaitTimeout
 from .group import Reclaimed
 from .message import Envelope
@@ -27,19 +28,35 @@ logger = get_logger(__name__)
 
 #: Name of the beat-scheduled task.
 TICK_TASK = "celery_semaphore.tick"
+#: Groups with something due visited per tick at most (the rest wait for the next one).
+DUE_BATCH = 1000
+#: Groups visited per tick besides the due ones: a full pass over N groups takes N / SWEEP
+#: ticks.
+SWEEP = 50
 
 
 def run_tick(rt: Runtime) -> dict[str, dict[str, int]]:
-    """One tick over every group the app knows; returns counts per group."""
+    """One tick: the groups with something due (see :mod:`.due`), the scheduler's, and a slice
+    of the others; returns counts per group visited."""
     summary: dict[str, dict[str, int]] = {}
     scheduler = rt.scheduler
     backoff_ms = int(rt.settings.tick_interval_s * 1000)
     fired = fire_recurring(rt)
     if fired:
         summary["recurring"] = {"fired": fired}
-    for name in rt.known_groups():
+    prefix = rt.settings.key_prefix
+    sec, usec = rt.client.time()
+    visits = dict(due_groups(rt.client, prefix, int(sec) * 1000 + int(usec) // 1000, DUE_BATCH))
+    for name in _sweep(rt):
+        visits.setdefault(name, "")
+    if scheduler is not None:
+        for name in scheduler.groups():
+            visits.setdefault(name, "")
+    for name, seen in visits.items():
         group = rt.group(name)
         outcome = group.reclaim(backoff_ms=backoff_ms)
+        if group.cluster:  # on one server the script itself wrote the index
+            settle(rt.client, prefix, group.tag, seen, outcome.next_due)
         timed_out = 0
         for row in outcome.reclaimed:
             timed_out += _report(rt, name, row)
@@ -58,6 +75,17 @@ def run_tick(rt: Runtime) -> dict[str, dict[str, int]]:
             started += scheduler.fill(name)
         summary[name] = {"timed_out": timed_out, "started": started}
     return summary
+
+
+def _sweep(rt: Runtime) -> list[str]:
+    """The next slice of every group the app knows, round robin (all of them while there are
+    at most SWEEP): repairs index entries lost with a client that died before writing them."""
+    known = rt.known_groups()
+    if len(known) <= SWEEP:
+        return known
+    start = rt.sweep_cursor % len(known)
+    rt.sweep_cursor = start + SWEEP
+    return (known + known)[start : start + SWEEP]
 
 
 def fire_recurring(rt: Runtime, batch: int = 100) -> int:

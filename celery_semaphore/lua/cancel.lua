@@ -20,6 +20,7 @@ tombstone(id, tonumber(ARGV[6]))
 if (ARGV[8] or '') ~= '' then journal(ARGV[8], 'cancel ' .. id .. ' (' .. state .. ')') end
 finish(id, rec, 'CANCELLED', 'cancel', {reason = ARGV[7] or ''})
 pump(concat(wake(freed), promote()), out)
+settle_due()
 local r = {EPOCH, 1, state}
 for _, g in ipairs(out) do r[#r + 1] = g end
 for _, g in ipairs(FOLLOW) do r[#r + 1] = g end

@@ -46,6 +46,9 @@
 --   KEYS[21] {prefix:G}:journal   list  the operations done on the group's gates, newest first
 --                                       (JSON {ms, who, what}), the last 100
 --   KEYS[22] {prefix:G}:since     zset  parked call id -> when it parked (the oldest parked)
+--   KEYS[23] {prefix:ticks}:due   zset  the tick's index, group tag -> when something of it
+--                                       falls due (see due.py); on a Redis Cluster a key of
+--                                       this group instead, unused (the client writes it)
 -- Metrics live in the state hash (a group at rest keeps that hash only): "m\31<gate>\31
 -- <counter>" -> count; "m\31<gate>\31<wait|hold>\31<bucket>" -> calls in that bucket, and
 -- "...\31sum" -> ms.
@@ -99,9 +102,49 @@ end
 local NOW = clock(ARGV[1])
 
 -- parked and next_due let the hot path skip the queue and the delayed set when they are empty.
-local STATE = redis.call('HMGET', K_STATE, 'epoch', 'recover_until', 'parked', 'next_due')
+local STATE = redis.call('HMGET', K_STATE, 'epoch', 'recover_until', 'parked', 'next_due',
+  'due_at')
 local EPOCH, RECOVER_UNTIL = STATE[1], STATE[2]
 local PARKED, NEXT_DUE = tonumber(STATE[3]) or 0, tonumber(STATE[4])
+local DUE_AT = tonumber(STATE[5])
+
+-- Rows a script adds to its reply beside the grants, each tagged (see group.py): traces of
+-- tracked calls, calls ended here without running, requirements ended for another group, and
+-- when the tick must next look at this group.
+local FOLLOW = {}
+local TAG_TRACE, TAG_END, TAG_NOTE = string.char(30) .. 't', string.char(30) .. 'end',
+  string.char(30) .. 'note'
+local TAG_DUE = string.char(30) .. 'due'
+
+-- The tick visits only groups with something due (a lease, a start time, a wait_timeout, a
+-- notice, a suspect, the end of recovery): due_at in the state hash is the earliest time this
+-- group told the tick's index; something due earlier tells it again (the client adds it).
+-- On one server the index is KEYS[23] and written here; on a Redis Cluster it lives on
+-- another slot (KEYS[23] is then a key of this group, unused) and the client writes it.
+local K_INDEX = KEYS[23]
+local INDEX_HERE = string.sub(K_INDEX, 1, #GROUP) ~= GROUP
+local function due(ms)
+  if not DUE_AT or ms < DUE_AT then
+    DUE_AT = ms
+    redis.call('HSET', K_STATE, 'due_at', ms)
+    if INDEX_HERE then
+      redis.call('ZADD', K_INDEX, 'LT', ms, GROUP)
+    else
+      FOLLOW[#FOLLOW + 1] = {TAG_DUE, tostring(ms)}
+    end
+  end
+end
+
+-- After an end: a group with nothing left that can fall due leaves the index at once.
+local function settle_due()
+  if not DUE_AT or RECOVER_UNTIL then return end
+  for _, k in ipairs({KEYS[4], KEYS[9], KEYS[16], KEYS[20], KEYS[12]}) do
+    if redis.call('ZCARD', k) > 0 then return end
+  end
+  DUE_AT = nil
+  redis.call('HDEL', K_STATE, 'due_at')
+  if INDEX_HERE then redis.call('ZREM', K_INDEX, GROUP) end
+end
 
 -- A client that saw another epoch means the data set was lost (restart without persistence,
 -- flush): units held by calls still running are unknown, so the group admits nothing new
@@ -113,6 +156,7 @@ end
 if ARGV[2] ~= '' and ARGV[2] ~= EPOCH and redis.call('HSETNX', K_STATE, 'lost:' .. ARGV[2], NOW) == 1 then
   RECOVER_UNTIL = tostring(NOW + tonumber(ARGV[3]))
   redis.call('HSET', K_STATE, 'recover_until', RECOVER_UNTIL)
+  due(tonumber(RECOVER_UNTIL))
 end
 
 local function recovering()
@@ -143,11 +187,6 @@ local function concat(a, b)
   return a
 end
 
--- Rows a script adds to its reply beside the grants, each tagged (see group.py): traces of
--- tracked calls, calls ended here without running, requirements ended for another group.
-local FOLLOW = {}
-local TAG_TRACE, TAG_END, TAG_NOTE = string.char(30) .. 't', string.char(30) .. 'end',
-  string.char(30) .. 'note'
 
 -- Metrics, counted by the scripts that already run: counters per gate, and histograms of
 -- the time calls waited for room and held it, in fixed buckets (ms; the last is +Inf).
@@ -379,6 +418,7 @@ local function grant(id, rec, state)
   local start = NOW
   if rec.ready_ms and rec.ready_ms > NOW then start = rec.ready_ms end
   redis.call('ZADD', K_HOLDERS, start + rec.lease_ms, id)
+  due(start + rec.lease_ms)
   save(id, rec)
   return rec.fence
 end
@@ -456,6 +496,7 @@ local function park(id, rec, verdict, g, key, event)
   redis.call('HINCRBY', K_PENDING, pending_field(rec), 1)
   if (tonumber(rec.wait_ms) or 0) > 0 then
     redis.call('ZADD', K_EXPIRES, NOW + tonumber(rec.wait_ms), id)
+    due(NOW + tonumber(rec.wait_ms))
   end
   local L = load_lane(rec.lane)
   if L then return nil end
@@ -583,6 +624,7 @@ local function note_due(ms)
     NEXT_DUE = ms
     redis.call('HSET', K_STATE, 'next_due', ms)
   end
+  due(ms)
 end
 
 -- Calls whose start time has come join the end of their lane. Returns gates to pump. Only
@@ -718,6 +760,7 @@ local function finish(id, rec, final, event, info)
         local notice = cjson.encode({tag = group, dep = dep, req = id, state = final,
           payload = info.payload or '', text = info.text or '', task = task})
         redis.call('ZADD', K_OUTBOX, NOW + OUTBOX_RETRY_MS, notice)
+        due(NOW + OUTBOX_RETRY_MS)
         FOLLOW[#FOLLOW + 1] = {TAG_NOTE, group, dep, id, final, info.payload or '',
           info.text or '', task, notice}
       end

@@ -15,7 +15,8 @@
 -- reclaimed leases (state is the
 -- call's state then, or 'waiting' when it will be sent again, or 'abandoned'), handed-off
 -- calls, calls now reported dropped (message: an abandoned call's, else ''), and parked calls
--- whose wait_timeout passed (they left their lanes and never run).
+-- whose wait_timeout passed (they left their lanes and never run); then when anything of
+-- the group is next due ('' for nothing: the tick's index forgets the group).
 local expired = redis.call('ZRANGEBYSCORE', K_HOLDERS, '-inf', NOW, 'LIMIT', 0, tonumber(ARGV[5]))
 local grace_ms, max_dispatches = tonumber(ARGV[6]), tonumber(ARGV[7])
 local reclaimed, out = {}, {}
@@ -24,6 +25,22 @@ local freed = {gates = {}, keys = {}}
 local function suspect(id, rec)
   redis.call('ZADD', K_SUSPECT, NOW, id .. ' ' .. (rec.runner or ''))
   redis.call('PEXPIRE', K_SUSPECT, 2 * grace_ms + 60000)
+end
+
+-- The earliest time anything of this group is due, for the tick's index (nil: nothing).
+local function next_due()
+  local at = nil
+  local function consider(ms)
+    if ms and (not at or ms < at) then at = ms end
+  end
+  for _, k in ipairs({K_HOLDERS, K_DELAYED, K_EXPIRES, K_OUTBOX}) do
+    local first = redis.call('ZRANGE', k, 0, 0, 'WITHSCORES')
+    if first[2] then consider(tonumber(first[2])) end
+  end
+  local first = redis.call('ZRANGE', K_SUSPECT, 0, 0, 'WITHSCORES')
+  if first[2] then consider(tonumber(first[2]) + grace_ms) end
+  if RECOVER_UNTIL then consider(tonumber(RECOVER_UNTIL)) end
+  return at
 end
 
 for _, id in ipairs(expired) do
@@ -92,9 +109,9 @@ for _, id in ipairs(expired) do
     reclaimed[#reclaimed + 1] = row
   end
 end
-local due = redis.call('ZRANGEBYSCORE', K_SUSPECT, '-inf', NOW - grace_ms)
-if #due > 0 then redis.call('ZREMRANGEBYSCORE', K_SUSPECT, '-inf', NOW - grace_ms) end
-for _, entry in ipairs(due) do
+local dropped = redis.call('ZRANGEBYSCORE', K_SUSPECT, '-inf', NOW - grace_ms)
+if #dropped > 0 then redis.call('ZREMRANGEBYSCORE', K_SUSPECT, '-inf', NOW - grace_ms) end
+for _, entry in ipairs(dropped) do
   -- Reported dropped now: the calls that required it are cancelled.
   local at = string.find(entry, ' ', 1, true)
   finish(string.sub(entry, 1, (at or 0) - 1), nil, 'DROPPED', 'dropped',
@@ -121,4 +138,9 @@ if queued ~= PARKED then
 end
 pump(all_gates(), out)
 concat(out, FOLLOW)
-return {EPOCH, reclaimed, out, due, expired}
+DUE_AT = next_due()
+if DUE_AT then redis.call('HSET', K_STATE, 'due_at', DUE_AT) else redis.call('HDEL', K_STATE, 'due_at') end
+if INDEX_HERE then
+  if DUE_AT then redis.call('ZADD', K_INDEX, DUE_AT, GROUP) else redis.call('ZREM', K_INDEX, GROUP) end
+end
+return {EPOCH, reclaimed, out, dropped, expired, tostring(DUE_AT or '')}

@@ -41,6 +41,7 @@ elseif not rec then
 end
 local names = concat(wake(freed), promote())
 pump(names, out)
+settle_due()
 local r = {EPOCH, released, backend, slot}
 for _, g in ipairs(out) do r[#r + 1] = g end
 for _, g in ipairs(FOLLOW) do r[#r + 1] = g end

@@ -1,0 +1,62 @@
+"""The tick's index: which groups have something due, and when.
+
+A sorted set ``{prefix:ticks}:due`` (group tag -> the earliest time the tick must look at
+it), so the tick visits only the groups whose time came and idle gates and keys cost it
+nothing. On one Redis server the scripts write it themselves, in the same atomic step (it is
+one of their KEYS): a grant, a start time or a wait_timeout adds the group (``ZADD LT``), an
+end that leaves nothing due removes it. On a Redis Cluster it lives on another slot than the
+groups, so the scripts tell the client (a ``Due`` follow-up) and the client adds it; the tick
+then removes idle groups, and a slow sweep of every group (a bounded slice per tick) repairs a
+write lost with a dying client.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["SETTLE", "due_groups", "index_key", "note_due", "settle"]
+
+# After the tick visited a group whose index entry it read as `seen`: store the group's next
+# due time, unless a script told an earlier one meanwhile (then that one stays).
+SETTLE = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and score ~= ARGV[2] then
+  if ARGV[3] ~= '' then redis.call('ZADD', KEYS[1], 'LT', ARGV[3], ARGV[1]) end
+  return 0
+end
+if ARGV[3] == '' then redis.call('ZREM', KEYS[1], ARGV[1]) else
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1]) end
+return 1
+"""
+
+
+def index_key(prefix: str) -> str:
+    """The index of one key prefix."""
+    return f"{{{prefix}:ticks}}:due"
+
+
+def note_due(client: Any, prefix: str, tag: str, ms: int) -> None:
+    """The group tagged ``tag`` has something due at ``ms``: the tick must look at it by then."""
+    client.zadd(index_key(prefix), {tag: ms}, lt=True)
+
+
+def due_groups(client: Any, prefix: str, now_ms: int, batch: int) -> list[tuple[str, str]]:
+    """(group name, the score read) of the groups whose time came, at most ``batch``."""
+    rows = client.zrangebyscore(index_key(prefix), "-inf", now_ms, 0, batch, withscores=True)
+    head = len(prefix) + 2  # "{prefix:"
+    return [(_text(m)[head:-1], _score(s)) for m, s in rows]
+
+
+def settle(client: Any, prefix: str, tag: str, seen: str, next_due: int | None) -> None:
+    """Record a group's next due time after a visit, on a cluster (see :data:`SETTLE`)."""
+    script = client.register_script(SETTLE)
+    script(keys=[index_key(prefix)], args=[tag, seen, "" if next_due is None else next_due])
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _score(value: float) -> str:
+    # As Lua reads ZSCORE: an integral score without a fraction.
+    return str(int(value)) if float(value).is_integer() else repr(value)
