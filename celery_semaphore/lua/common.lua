@@ -693,9 +693,9 @@ local function keep_history(id, rec, final, info)
     redis.call('HDEL', K_HISTORY, unpack(old))
     redis.call('ZREM', K_DONE, unpack(old))
   end
-  for _, k in ipairs({K_HISTORY, K_DONE}) do
-    if redis.call('PTTL', k) < ttl then redis.call('PEXPIRE', k, ttl) end
-  end
+  -- Every entry lives ttl: the keys outlive the newest by ttl, so an idle group's go too.
+  redis.call('PEXPIRE', K_HISTORY, ttl)
+  redis.call('PEXPIRE', K_DONE, ttl)
 end
 
 -- Grant a call that competes now, when no call of its lane waits and it fits: returns its
