@@ -8,7 +8,6 @@ a :class:`Group` knows call ids, gates, leases and opaque messages, so the Celer
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -23,18 +22,17 @@ from .outcome import (
     Admission,
     Claimed,
     Due,
-    Ended,
     Grant,
     Malformed,
-    Notice,
     Reclaim,
     Reclaimed,
     Release,
     Reply,
     Started,
-    Trace,
 )
+from .replies import split_grants
 from .scripts import Scripts, code_of
+from .views import GroupViews
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +69,7 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class Group:
+class Group(GroupViews):
     """The gates of one hash tag, held as leases in Redis.
 
     Args:
@@ -170,7 +168,7 @@ class Group:
 
     def _split(self, rows: Iterable[Any]) -> tuple[list[Reply], list[Malformed]]:
         """A reply's grants and follow-ups; a ``Due`` row goes to the tick's index here."""
-        grants, malformed = _split_grants(rows)
+        grants, malformed = split_grants(rows)
         due = [g for g in grants if isinstance(g, Due)]
         if due:
             note_due(self.client, self.prefix, self.tag, min(d.ms for d in due))
@@ -380,18 +378,6 @@ class Group:
         """Forget a notice to another group once that group counted it (see the outbox)."""
         self._run(self.scripts.ack, None, [notice])
 
-    def history(self, task_id: str) -> dict[str, Any] | None:
-        """A call's story: its live record, or its history once it ended (kept for
-        ``semaphore_history_ttl``); ``None`` when unknown here."""
-        record = self.record(task_id)
-        if record is not None:
-            return record
-        raw = self._call(self.client.hget, self.keys["history"], task_id)
-        try:
-            return json.loads(raw) if raw is not None else None
-        except ValueError:
-            return None
-
     def resize(
         self, gate: str, limit: int, *, who: str = "", now_ms: int | None = None
     ) -> tuple[int | None, list[Reply]]:
@@ -413,103 +399,3 @@ class Group:
         reply = self._run(self.scripts.operate, now_ms, [op, gate, arg, who])
         grants, _ = self._split(reply[3:])
         return [_text(x) for x in reply[2]], grants
-
-    # Read-only views, for status displays, schedulers and tests.
-
-    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise RedisUnavailable(self.url, exc) from exc
-
-    def limit(self, gate: str) -> int | None:
-        """The limit in force of ``gate`` (``None`` while no call named it)."""
-        raw = self._call(self.client.hget, self.keys["state"], f"{gate}:limit")
-        return int(raw) if raw is not None else None
-
-    def used(self, gate: str) -> int:
-        """Units of ``gate`` held now (weights counted)."""
-        return int(self._call(self.client.hget, self.keys["state"], f"{gate}:used") or 0)
-
-    def key_usage(self) -> dict[tuple[str, str], int]:
-        """``{(gate, key): units}`` of every key that holds units now."""
-        raw = self._call(self.client.hgetall, self.keys["usage"])
-        return {tuple(_text(k).split("\x1f", 1)): int(v) for k, v in raw.items()}  # type: ignore[misc]
-
-    def held(self) -> int:
-        """Number of calls holding the group's gates (expired leases until reclaimed)."""
-        return int(self._call(self.client.zcard, self.keys["holders"]))
-
-    def parked(self) -> int:
-        """Number of calls waiting for room."""
-        return int(self._call(self.client.zcard, self.keys["queue"]))
-
-    def waiting(self) -> int:
-        """Number of calls waiting for their start time."""
-        return int(self._call(self.client.zcard, self.keys["delayed"]))
-
-    def holders(self) -> dict[str, int]:
-        """Call id -> lease deadline (ms) of every holder."""
-        pairs = self._call(self.client.zrange, self.keys["holders"], 0, -1, withscores=True)
-        return {_text(k): int(v) for k, v in pairs}
-
-    def record(self, task_id: str) -> dict[str, Any] | None:
-        """The stored record of a call (see lua/common.lua), or ``None``."""
-        raw = self._call(self.client.hget, self.keys["calls"], task_id)
-        try:
-            return json.loads(raw) if raw is not None else None
-        except ValueError:
-            return None
-
-    def slots(self, gate: str) -> dict[str, str]:
-        """Scheduler slot number -> call id of every occupied slot of ``gate``."""
-        raw = self._call(self.client.hgetall, self.keys["slots"])
-        head = f"{gate}:"
-        return {
-            _text(k)[len(head) :]: _text(v) for k, v in raw.items() if _text(k).startswith(head)
-        }
-
-    def aside(self) -> dict[str, bytes]:
-        """Call id -> raw entry of entries moved aside as unreadable."""
-        return {_text(k): v for k, v in self._call(self.client.hgetall, self.keys["aside"]).items()}
-
-    def set_aside(self, task_id: str, raw: bytes) -> None:
-        """Keep an unpublishable entry for an operator (the caller then releases the call)."""
-        self._call(self.client.hset, self.keys["aside"], task_id, raw)
-
-    def holds(self, task_id: str, fence: int | None = None) -> bool:
-        """Whether ``task_id`` holds its gates now (under grant ``fence``, if given)."""
-        record = self.record(task_id)
-        if record is None:
-            return False
-        return record.get("state") in ("granted", "running") and (
-            fence is None or record.get("fence") == fence
-        )
-
-
-def _split_grants(rows: Iterable[Any]) -> tuple[list[Reply], list[Malformed]]:
-    grants: list[Reply] = []
-    malformed: list[Malformed] = []
-    for row in rows:
-        head = _text(row[0])
-        if head == TAG_TRACE:
-            grants.append(Trace(*(_text(x) for x in row[1:6])))
-        elif head == TAG_END:
-            i, state, task, cause_id, cause_task, cause_text = (_text(x) for x in row[1:7])
-            grants.append(
-                Ended(i, state, task, cause_id, cause_task, cause_text, row[7], bool(int(row[8])))
-            )
-        elif head == TAG_DUE:
-            grants.append(Due(int(row[1])))
-        elif head == TAG_NOTE:
-            grants.append(Notice(*(_text(x) for x in row[1:9])))
-        elif int(row[1]) < 0:
-            malformed.append(Malformed(head, row[2]))
-        else:
-            inputs = _text(row[3]) if len(row) > 3 else ""
-            grants.append(Grant(head, int(row[1]), row[2], inputs))
-    return grants, malformed
-
-
-#: Tags of the follow-up rows of a script's reply (see lua/common.lua, FOLLOW).
-TAG_TRACE, TAG_END, TAG_NOTE, TAG_DUE = "\x1et", "\x1eend", "\x1enote", "\x1edue"

@@ -153,12 +153,13 @@ def started(t: types.SimpleNamespace, task_id: str) -> bool:
 
 
 def snapshot(slots: redis.Redis, prefix: str) -> dict[str, Any]:
-    """Every slot key and its content (holders without lease deadlines, which renewals move)."""
+    """Every slot key and its content (holders without lease deadlines, which renewals move;
+    state hashes without the metrics, which count what happens, refusals included)."""
     out: dict[str, Any] = {}
     for key in slot_keys(slots, prefix):
         kind = slots.type(key).decode()
         if kind == "hash":
-            out[key] = slots.hgetall(key)
+            out[key] = {k: v for k, v in slots.hgetall(key).items() if not k.startswith(b"m\x1f")}
         elif kind == "zset" and key.endswith(":holders"):
             out[key] = sorted(slots.zrange(key, 0, -1))
         elif kind == "zset":
