@@ -130,8 +130,12 @@ class Group(GroupViews):
     def _run(self, script: Any, now_ms: int | None, args: Sequence[Any], task_id: str = "") -> Any:
         now = "" if now_ms is None else str(int(now_ms))
         head = [now, self.epoch, self.recover_ms, self.history_ms]
+        acked = None
         try:
-            reply = script(keys=self._keys, args=[*head, *args])
+            if self.wait_replicas:
+                reply, acked = self._run_replicated(script, [*head, *args])
+            else:
+                reply = script(keys=self._keys, args=[*head, *args])
         except redis.TimeoutError as exc:
             # A read timeout: the request may sit in the server's buffer and run later (a
             # stalled server). A connect timeout sent nothing (redis-py says "connecting").
@@ -141,21 +145,7 @@ class Group(GroupViews):
         except (redis.ConnectionError, redis.exceptions.ClusterError) as exc:
             raise RedisUnavailable(self.url, exc) from exc
         self.epoch = _text(reply[0])
-        if self.wait_replicas:
-            self._replicated(task_id)
-        return reply
-
-    def _replicated(self, task_id: str) -> None:
-        """Wait until the change reached ``wait_replicas`` replicas (Redis WAIT), so a failover
-        cannot lose it; a submit that did not within the client's timeout raises
-        ``AcceptanceUnknown``, anything else is logged."""
-        kwargs = getattr(self.client, "connection_pool", None)
-        timeout = getattr(kwargs, "connection_kwargs", {}).get("socket_timeout") or 5.0
-        try:
-            acked = int(self.client.execute_command("WAIT", self.wait_replicas, int(timeout * 500)))
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise RedisUnavailable(self.url, exc) from exc
-        if acked < self.wait_replicas:
+        if acked is not None and acked < self.wait_replicas:
             short = redis.TimeoutError(
                 f"the change reached {acked} of {self.wait_replicas} replicas "
                 "(semaphore_redis_wait_replicas); a failover now could lose it"
@@ -165,6 +155,21 @@ class Group(GroupViews):
             # A start, an end, a tick: done on the master all the same; refusing it now would
             # skip a run Redis recorded.
             logger.warning("gate group %r: %s", self.name, short)
+        return reply
+
+    def _run_replicated(self, script: Any, args: list[Any]) -> tuple[Any, int]:
+        """Run ``script`` then ``WAIT`` on the same connection (WAIT counts the replicas that
+        have that connection's writes): on a cluster, the connection of the group's node."""
+        client = self.client
+        if self.cluster:
+            client = client.get_redis_connection(client.get_node_from_key(self._keys[0]))
+        pool = getattr(client, "connection_pool", None)
+        timeout = getattr(pool, "connection_kwargs", {}).get("socket_timeout") or 5.0
+        pipe = client.pipeline(transaction=False)
+        script(keys=self._keys, args=args, client=pipe)
+        pipe.execute_command("WAIT", self.wait_replicas, int(timeout * 500))
+        reply, acked = pipe.execute()
+        return reply, int(acked)
 
     def _split(self, rows: Iterable[Any]) -> tuple[list[Reply], list[Malformed]]:
         """A reply's grants and follow-ups; a ``Due`` row goes to the tick's index here."""

@@ -17,7 +17,6 @@ from typing import Any
 import redis
 from celery import Celery
 from celery.utils.log import get_logger
-from kombu.utils.url import maybe_sanitize_url
 
 from .config import Settings
 from .connect import connect, kind_of, sanitize
@@ -123,7 +122,7 @@ class Runtime:
             logger.info(
                 "celery_semaphore: semaphore_redis_url is not set; the gates live in the "
                 "broker's Redis, %s",
-                maybe_sanitize_url(settings.redis_url),
+                sanitize(settings.redis_url),
             )
         return settings
 
@@ -150,7 +149,7 @@ class Runtime:
     @property
     def url(self) -> str:
         """The gates' Redis URL without its password."""
-        return sanitize(str(maybe_sanitize_url(self.settings.redis_url)))
+        return sanitize(self.settings.redis_url)
 
     def group(self, name: str) -> Group:
         """The :class:`Group` named ``name`` (built once per process)."""
