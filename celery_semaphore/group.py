@@ -218,7 +218,10 @@ class Group(GroupViews):
         eager = bool(flags) or delay_ms > 0 or not callable(message) or self._expect_full
         reply = send(encode() if eager else b"")
         if int(reply[1]) == 6:  # it has to wait after all: send it again with its message
-            reply = send(encode())
+            payload = encode()
+            if not payload:
+                raise ValueError(f"call {task_id} must wait in Redis, which needs its message")
+            reply = send(payload)
         outcome = Acquired(int(reply[1]))
         self._expect_full = outcome is Acquired.PARKED
         stored = [int(x) if x else 0 for x in _text(reply[3]).split(",")]
