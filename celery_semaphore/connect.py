@@ -13,11 +13,13 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
 from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException
 from redis.sentinel import Sentinel
 
 from .errors import ConfigurationError
@@ -91,15 +93,22 @@ def connect(url: str, *, cluster: bool = False, timeout_s: float = 5.0) -> Any:
         auth, _, hostlist = netloc.rpartition("@")
         nodes = [ClusterNode(h, p) for h, p in _hosts(hostlist, 6379)]
         first = f"{base}://{auth + '@' if auth else ''}{nodes[0].host}:{nodes[0].port}/{tail}"
-        return RedisCluster.from_url(
-            first, startup_nodes=nodes, require_full_coverage=False, **timeouts
-        )
+        try:
+            return RedisCluster.from_url(
+                first, startup_nodes=nodes, require_full_coverage=False, **timeouts
+            )
+        except RedisClusterException as exc:
+            # No seed node answered. redis-py raises this outside its RedisError tree; as a
+            # ConnectionError the callers report it as RedisUnavailable (a prerun then knows
+            # the start went unrecorded), as for a refused connection to one server.
+            raise redis.ConnectionError(str(exc)) from exc
     return redis.Redis.from_url(url, **timeouts)
 
 
 def sanitize(url: str) -> str:
-    """``url`` without its password (for errors and logs)."""
+    """``url`` without its passwords (for errors and logs): the one before ``@`` and the
+    ``password`` and ``sentinel_password`` query options."""
     parts = urlsplit(url.replace(";", ","))
     if parts.password:
         url = url.replace(f":{parts.password}@", ":**@", 1)
-    return url
+    return re.sub(r"([?&](?:sentinel_)?password=)[^&#]*", r"\1**", url)

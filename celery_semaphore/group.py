@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import redis
+import redis.sentinel
 
 from .config import DEFAULTS
 from .due import index_key, note_due
@@ -63,6 +64,13 @@ def keys_for(prefix: str, group: str) -> tuple[str, ...]:
     """Return the Redis keys of ``group``; they share one hash tag for Redis Cluster."""
     tag = f"{{{prefix}:{group}}}"
     return tuple(f"{tag}:{part}" for part in KEY_PARTS)
+
+
+def _before_sending(exc: BaseException) -> bool:
+    """Whether a connection error happened before a request went out (nothing was sent)."""
+    if isinstance(exc, (redis.sentinel.MasterNotFoundError, redis.exceptions.ClusterError)):
+        return True
+    return "connecting" in str(exc)
 
 
 def _text(value: Any) -> str:
@@ -143,6 +151,10 @@ class Group(GroupViews):
                 raise AcceptanceUnknown(self.url, task_id, exc) from exc
             raise RedisUnavailable(self.url, exc) from exc
         except (redis.ConnectionError, redis.exceptions.ClusterError) as exc:
+            # A connection lost after the request went out (a master killed between running
+            # the script and answering): a submit may have been accepted.
+            if task_id and not _before_sending(exc):
+                raise AcceptanceUnknown(self.url, task_id, exc) from exc
             raise RedisUnavailable(self.url, exc) from exc
         self.epoch = _text(reply[0])
         if acked is not None and acked < self.wait_replicas:
@@ -165,11 +177,20 @@ class Group(GroupViews):
             client = client.get_redis_connection(client.get_node_from_key(self._keys[0]))
         pool = getattr(client, "connection_pool", None)
         timeout = getattr(pool, "connection_kwargs", {}).get("socket_timeout") or 5.0
-        pipe = client.pipeline(transaction=False)
-        script(keys=self._keys, args=args, client=pipe)
-        pipe.execute_command("WAIT", self.wait_replicas, int(timeout * 500))
-        reply, acked = pipe.execute()
-        return reply, int(acked)
+        for attempt in (1, 2):
+            # EVALSHA itself: a script object in a pipeline would first ask SCRIPT EXISTS.
+            pipe = client.pipeline(transaction=False)
+            pipe.evalsha(script.sha, len(self._keys), *self._keys, *args)
+            pipe.execute_command("WAIT", self.wait_replicas, int(timeout * 500))
+            try:
+                reply, acked = pipe.execute()
+            except redis.exceptions.NoScriptError:
+                if attempt == 2:
+                    raise
+                client.script_load(script.script)
+                continue
+            return reply, int(acked)
+        raise AssertionError("unreachable")
 
     def _split(self, rows: Iterable[Any]) -> tuple[list[Reply], list[Malformed]]:
         """A reply's grants and follow-ups; a ``Due`` row goes to the tick's index here."""
