@@ -12,7 +12,11 @@ write lost with a dying client.
 
 from __future__ import annotations
 
+import time
 from typing import Any
+
+#: How long the index outlives its latest entry (seconds).
+GRACE_S = 3600
 
 __all__ = ["SETTLE", "due_groups", "index_key", "note_due", "settle"]
 
@@ -36,8 +40,17 @@ def index_key(prefix: str) -> str:
 
 
 def note_due(client: Any, prefix: str, tag: str, ms: int) -> None:
-    """The group tagged ``tag`` has something due at ``ms``: the tick must look at it by then."""
-    client.zadd(index_key(prefix), {tag: ms}, lt=True)
+    """The group tagged ``tag`` has something due at ``ms``: the tick must look at it by then.
+
+    The index outlives its latest entry by an hour (``GRACE_S``), as the scripts keep it.
+    """
+    key = index_key(prefix)
+    keep = int(max(0, ms / 1000 - time.time())) + GRACE_S
+    pipe = client.pipeline(transaction=False)
+    pipe.zadd(key, {tag: ms}, lt=True)
+    pipe.expire(key, keep, nx=True)  # a fresh index
+    pipe.expire(key, keep, gt=True)  # or one whose latest entry moved later
+    pipe.execute()
 
 
 def due_groups(client: Any, prefix: str, now_ms: int, batch: int) -> list[tuple[str, str]]:

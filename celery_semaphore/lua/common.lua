@@ -123,12 +123,20 @@ local TAG_DUE = string.char(30) .. 'due'
 -- another slot (KEYS[23] is then a key of this group, unused) and the client writes it.
 local K_INDEX = KEYS[23]
 local INDEX_HERE = string.sub(K_INDEX, 1, #GROUP) ~= GROUP
+-- The index outlives its latest entry by an hour, so a prefix nobody ticks any more leaves
+-- nothing behind for ever.
+local INDEX_GRACE_MS = 3600000
+local function index_add(ms, lt)
+  if lt then redis.call('ZADD', K_INDEX, 'LT', ms, GROUP) else redis.call('ZADD', K_INDEX, ms, GROUP) end
+  local keep = ms - NOW + INDEX_GRACE_MS
+  if redis.call('PTTL', K_INDEX) < keep then redis.call('PEXPIRE', K_INDEX, keep) end
+end
 local function due(ms)
   if not DUE_AT or ms < DUE_AT then
     DUE_AT = ms
     redis.call('HSET', K_STATE, 'due_at', ms)
     if INDEX_HERE then
-      redis.call('ZADD', K_INDEX, 'LT', ms, GROUP)
+      index_add(ms, true)
     else
       FOLLOW[#FOLLOW + 1] = {TAG_DUE, tostring(ms)}
     end

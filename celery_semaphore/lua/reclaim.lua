@@ -141,6 +141,6 @@ concat(out, FOLLOW)
 DUE_AT = next_due()
 if DUE_AT then redis.call('HSET', K_STATE, 'due_at', DUE_AT) else redis.call('HDEL', K_STATE, 'due_at') end
 if INDEX_HERE then
-  if DUE_AT then redis.call('ZADD', K_INDEX, DUE_AT, GROUP) else redis.call('ZREM', K_INDEX, GROUP) end
+  if DUE_AT then index_add(DUE_AT, false) else redis.call('ZREM', K_INDEX, GROUP) end
 end
 return {EPOCH, reclaimed, out, dropped, expired, tostring(DUE_AT or '')}
