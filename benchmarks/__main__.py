@@ -31,6 +31,7 @@ from .model import backlog, fairness, stacked
 from .report import Row, as_json, conditions, failed_row, render
 from .resources import memory, redis_cost
 from .throughput import overhead, utilisation
+from .workflow import workflow
 
 __all__ = ["main", "parse_options"]
 
@@ -44,6 +45,7 @@ SCENARIOS: dict[int, tuple[str, Callable[[Bench], list[Row]]]] = {
     7: ("7 backlog", backlog),
     8: ("8 fairness", fairness),
     9: ("9 stacked", stacked),
+    10: ("10 workflow", workflow),
 }
 #: Scenarios that drive a Group on a redis-server of their own (no worker, no broker); 9 adds
 #: an end-to-end figure when the workers run anyway.
@@ -74,6 +76,11 @@ NOTES = [
     "the pipelines) and whatever else runs on the machine meanwhile. The Redis time per step "
     "(INFO commandstats) is the server's share alone: the figure that would grow if a dispatch "
     "cost more with a longer backlog.",
+    "Scenario 10's requirement hop is a node's start - its last requirement's end; net of the "
+    "wait for a unit of the gate it runs from the later of that end and the end that freed "
+    "the unit the node took (at most `limit` run at once, so the i-th start took the unit of "
+    "the (i - limit)-th end). Its canvas is chain(group(layer 1), ..., group(layer L)), which "
+    "Celery runs as nested chords, on a plain worker with -c limit and a Redis result backend.",
 ]
 
 
@@ -82,7 +89,7 @@ def parse_options(argv: Sequence[str] | None = None) -> tuple[Options, argparse.
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--scenarios", default="1,2,3,4,5,6,7,8,9", help="comma-separated, 1-9")
+    parser.add_argument("--scenarios", default="1,2,3,4,5,6,7,8,9,10", help="comma-separated, 1-10")
     parser.add_argument("--reps", type=int, default=5, help="repetitions of each figure")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every call count")
     parser.add_argument(
@@ -181,6 +188,12 @@ def _scenario_workers(bench: Bench, number: int) -> list[str]:
     if number == 6:
         bench.start_workers({"mem-plain": {"gated": False}, "mem-gated": {"gated": True}})
         return ["mem-plain", "mem-gated"]
+    if number == 10:
+        # The canvas: as many at once as the gate allows, and a result backend for the chords.
+        bench.start_workers(
+            {"canvas": {"gated": False, "concurrency": opts.limit, "results": True}}
+        )
+        return ["canvas"]
     return []
 
 

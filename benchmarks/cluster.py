@@ -90,6 +90,8 @@ class Cluster:
             "broker": f"{base}/0",
             "probe": f"{base}/1",
             "dramatiq": f"{base}/2",
+            # The result backend of scenario 10's canvas (chords need one); nothing else uses it.
+            "results": f"{base}/3",
             "slots": self.slots_server.url,
         }
         self.plain_app = self.app(gated=False)
@@ -100,8 +102,9 @@ class Cluster:
         self._servers.append(server)
         return server
 
-    def env(self, gated: bool = True) -> dict[str, str]:
-        """The environment of a worker subprocess of this run."""
+    def env(self, gated: bool = True, results: bool = False) -> dict[str, str]:
+        """The environment of a worker subprocess of this run (``results``: with the result
+        backend)."""
         env = dict(os.environ)
         env.update(
             BENCH_BROKER=self.urls["broker"],
@@ -114,6 +117,8 @@ class Cluster:
             BENCH_GATED="1" if gated else "0",
             PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")])),
         )
+        if results:
+            env["BENCH_RESULTS"] = self.urls["results"]
         return env
 
     def app(
@@ -133,13 +138,15 @@ class Cluster:
 
     # -- workers ---------------------------------------------------------------------------
 
-    def _spawn(self, name: str, args: list[str], gated: bool, kind: str, queue: str) -> Worker:
+    def _spawn(
+        self, name: str, args: list[str], gated: bool, kind: str, queue: str, results: bool = False
+    ) -> Worker:
         log = self.workdir / f"{name}.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", *args],
                 cwd=ROOT,
-                env=self.env(gated),
+                env=self.env(gated, results),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -150,15 +157,18 @@ class Cluster:
         self.workers.append(worker)
         return worker
 
-    def celery_worker(self, name: str, *, gated: bool, concurrency: int, pool: str) -> Worker:
-        """Start ``celery worker`` on a queue of its own (not waiting for it: see :meth:`ready`)."""
+    def celery_worker(
+        self, name: str, *, gated: bool, concurrency: int, pool: str, results: bool = False
+    ) -> Worker:
+        """Start ``celery worker`` on a queue of its own (not waiting for it: see :meth:`ready`);
+        ``results``: with the result backend."""
         queue = f"{self.prefix}.{name}"
         args = [
             "celery", "-A", "benchmarks.proj", "worker", "-P", pool, "-c", str(concurrency),
             "-Q", queue, "-n", f"{name}@%h", "--without-gossip", "--without-mingle",
             "--without-heartbeat", "-l", "WARNING",
         ]  # fmt: skip
-        return self._spawn(name, args, gated, "celery", queue)
+        return self._spawn(name, args, gated, "celery", queue, results)
 
     def dramatiq_worker(self, name: str, *, concurrency: int) -> Worker:
         """Start a Dramatiq worker (one process, ``concurrency`` threads)."""

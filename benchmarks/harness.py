@@ -35,7 +35,7 @@ class Options:
     ``retry_factor`` sets the in-task semaphore's retry countdown in task durations.
     """
 
-    scenarios: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 9)
+    scenarios: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
     reps: int = 5
     scale: float = 1.0
     memory_calls: int = 20_000
@@ -133,6 +133,7 @@ class Bench:
                     gated=spec["gated"],
                     concurrency=spec.get("concurrency", self.options.concurrency),
                     pool=self.options.pool,
+                    results=spec.get("results", False),
                 )
         self.cluster.ready([self.workers[n] for n in specs])
 

@@ -117,7 +117,10 @@ def _drain_pipelined(
     window_ms = int(group.dedupe_window_s * 1000)
     pipe = client.pipeline(transaction=False)
     for j in range(start, stop):
-        release(keys=group._keys, args=_args(group, holders[j], "", window_ms), client=pipe)
+        # The release script's arguments as Group.release sends them: id, fence, window,
+        # state, payload, text.
+        args = _args(group, holders[j], "", window_ms, "SUCCEEDED", "", "")
+        release(keys=group._keys, args=args, client=pipe)
         begin(keys=group._keys, args=_args(group, parked[j], "bench", 0), client=pipe)
     replies = pipe.execute()
     for j in range(start, stop):
@@ -135,7 +138,7 @@ def _drain_sequential(group: Group, holders: list[str], parked: list[str], j: in
     out = group.release(holders[j])
     if not out.released or [g.task_id for g in out.grants] != [parked[j]]:
         raise BenchError(f"drain step {j}: release handed room to {out.grants!r}")
-    verdict_, _, _ = group.start(parked[j], "bench")
+    verdict_ = group.start(parked[j], "bench")[0]
     if verdict_ is not Started.RUN:
         raise BenchError(f"drain step {j}: start of {parked[j]} -> {verdict_!r}")
 
@@ -340,7 +343,7 @@ def _run_fairness(limit: int, key_limit: int, big: int, small: int) -> dict[str,
                 peak[key] = max(peak[key], usage.get((gate, key), 0))
 
         def start(task_id: str) -> None:
-            verdict_, _, _ = group.start(task_id, "bench")
+            verdict_ = group.start(task_id, "bench")[0]
             if verdict_ is not Started.RUN:
                 raise BenchError(f"start of {task_id}: {verdict_!r}")
             running.append(task_id)

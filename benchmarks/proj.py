@@ -46,6 +46,7 @@ def create_app(
     free_limit: int = 2000,
     lease_s: float = 30.0,
     default_queue: str | None = None,
+    result_backend: str | None = None,
 ) -> Celery:
     """Build the benchmark app.
 
@@ -60,12 +61,16 @@ def create_app(
             queues at once.
         lease_s: ``semaphore_lease``.
         default_queue: the queue ``.delay()`` sends to.
+        result_backend: a result backend, for the chords of scenario 10's canvas (``None``:
+            none, as in every other scenario).
 
     Returns:
         The app, with tasks ``bench.plain``, ``bench.relay``, ``bench.locked`` and, when
         ``gated``, ``bench.gated_free``, ``bench.gated_limited``, ``bench.gated_one`` and
         ``bench.stacked`` (gates ``sapi``, keyed per tenant with a key limit, and ``sdb``,
         stacked in group ``stacked``).
+        Scenario 10's nodes: ``bench.dag`` and, when ``gated``, ``bench.gated_dag`` (gate
+        ``limited``).
     """
     app = Celery("bench", broker=broker_url, set_as_current=False)
     app.conf.update(
@@ -84,6 +89,8 @@ def create_app(
         },
         semaphore_lease=lease_s,
     )
+    if result_backend:
+        app.conf.result_backend = result_backend
     probe = redis.Redis.from_url(probe_url)
 
     def record(tag: str, start: float, extra: str = "") -> None:
@@ -129,12 +136,22 @@ def create_app(
         finally:
             semaphore.release(key, token)
 
+    @app.task(name="bench.dag", shared=False)
+    def dag(*inputs: Any, ms: float, tag: str, node: str) -> str:
+        # A node of scenario 10's canvas: its inputs (a chord's header results) come first.
+        start = time.time()
+        if ms:
+            time.sleep(ms / 1000.0)
+        record(tag, start, f" {node}")
+        return node
+
     if gated:
         from celery_semaphore import gated as gate_decorator
 
         for gate in GATES:
             _define_gated(app, gate, gate_decorator, record)
         _define_stacked(app, gate_decorator, free_limit, record)
+        _define_gated_dag(app, gate_decorator, record)
     return app
 
 
@@ -165,6 +182,19 @@ def _define_stacked(app: Celery, decorator: Any, free_limit: int, record: Any) -
         record(tag, start)
 
 
+def _define_gated_dag(app: Celery, decorator: Any, record: Any) -> None:
+    # A node of scenario 10's workflow: its requirements' results come first (one value, or
+    # a list of them for several requirements).
+    @decorator("limited")
+    @app.task(name="bench.gated_dag", shared=False)
+    def run(*inputs: Any, ms: float, tag: str, node: str) -> str:
+        start = time.time()
+        if ms:
+            time.sleep(ms / 1000.0)
+        record(tag, start, f" {node}")
+        return node
+
+
 def app_from_env(env: Mapping[str, str]) -> Celery:
     """The app a subprocess worker loads, from ``BENCH_*`` variables."""
     return create_app(
@@ -176,6 +206,7 @@ def app_from_env(env: Mapping[str, str]) -> Celery:
         gated=env.get("BENCH_GATED", "1") == "1",
         free_limit=int(env.get("BENCH_FREE_LIMIT", "2000")),
         lease_s=float(env.get("BENCH_LEASE", "30")),
+        result_backend=env.get("BENCH_RESULTS") or None,
     )
 
 

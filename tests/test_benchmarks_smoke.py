@@ -2,8 +2,8 @@
 
 Speed is not asserted (a tiny run on a busy machine says nothing about it), but what each
 scenario counted is: every call sent ran exactly once, a gate never had more running than
-its limit and did reach it, the fairness figure is within its bound, and the groups driven
-directly end at rest.
+its limit and did reach it, the fairness figure is within its bound, the groups driven
+directly end at rest, and every workflow node started after its requirements ended.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-# It starts celery worker subprocesses (scenarios 1-6 and 9).
+# It starts celery worker subprocesses (scenarios 1-6, 9 and 10).
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +38,8 @@ EXPECTED_ROWS = (
     "| 8 fairness | grants to the big key",
     "| 9 stacked | Group level, stacked / plain |",
     "| 9 stacked | end to end, stacked / plain |",
+    "| 10 workflow | requirement hop / hop floor, p50 / p99 |",
+    "| 10 workflow | total time, workflow / canvas |",
 )
 LIMIT = 4
 BACKLOG = 2000
@@ -128,3 +130,19 @@ def test_a_tiny_benchmark_run_checks_every_scenario(tmp_path: Path) -> None:
     assert f["e2e_stacked_used"] == [0, 0]
     assert f["at_rest"]
     assert f["keys_left"] == ["{bench:plain}:state", "{bench:stacked}:state"]
+
+    # 10: every node of the workflow and of its canvas ran once, the gate never ran more than
+    # its limit, and every node of the workflow started after each of its requirements ended.
+    (f,) = facts["10"]
+    assert f["nodes_completed"] == f["nodes_sent"] > 0
+    assert f["canvas_nodes_completed"] == f["canvas_nodes_sent"] == f["nodes_sent"]
+    assert 0 < f["peak_running"] <= f["limit"] == LIMIT
+    assert f["order_violations"] == 0
+    requires, runs = f["requires"], f["runs"]
+    assert sorted(runs) == sorted(requires) and len(requires) == f["nodes_sent"]
+    assert {node: len(r) for node, r in runs.items()} == dict.fromkeys(requires, 1)
+    assert sum(len(reqs) for reqs in requires.values()) > 0
+    for node, reqs in requires.items():
+        started = runs[node][0][0]
+        late = [r for r in reqs if runs[r][0][1] > started]
+        assert not late, f"{node} started before {late} ended"
