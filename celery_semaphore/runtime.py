@@ -98,6 +98,8 @@ class Runtime:
         self._scheduler_built = False
         #: Where the tick's sweep over every group goes on (see tick._sweep).
         self.sweep_cursor = 0
+        self._configured: frozenset[str] | None = None
+        self._known: tuple[tuple[frozenset[str], int], list[str]] | None = None
         #: Acts on a script's follow-ups (set by ``install``: see :mod:`.requires`).
         self.follow: Callable[[str, Sequence[Reply]], None] | None = None
         #: Called with (task id, its workflow header) when a call fails (see fail_fast).
@@ -243,18 +245,28 @@ class Runtime:
         """Every group this app knows: gated tasks, configured limits, scheduler slots, and the
         groups a :class:`~celery_semaphore.Semaphore` of any process registered in Redis (so
         beat's tick reclaims a dead holder's unit even where no task names that gate)."""
-        groups = set(self.configured_groups())
+        extra: set[str] = set()
         if self.scheduler is not None:
-            groups.update(self.scheduler.groups())
+            extra.update(self.scheduler.groups())
         with contextlib.suppress(redis.RedisError):
             members = self.client.smembers(self.registry_key)
-            groups.update(m.decode() if isinstance(m, bytes) else str(m) for m in members)
-        return sorted(groups)
+            extra.update(m.decode() if isinstance(m, bytes) else str(m) for m in members)
+        configured = self._configured or self.configured_groups()
+        key = (frozenset(extra), len(configured))
+        if self._known is None or self._known[0] != key:
+            # Sorted once per change: ten thousand gates would cost the tick milliseconds.
+            self._known = (key, sorted(configured | extra))
+        return list(self._known[1])
 
     def configured_groups(self) -> set[str]:
-        """The groups this app's tasks and settings name (every process of the app knows them)."""
+        """The groups this app's tasks and settings name (every process of the app knows them;
+        kept once the app is finalized, when its tasks no longer change)."""
+        if self._configured is not None:
+            return set(self._configured)
         groups = {g.group for g in self.task_gates()}
         groups.update(self.settings.groups.get(n, n) for n in self.settings.limits)
+        if self.app.finalized:
+            self._configured = frozenset(groups)
         return groups
 
     @property

@@ -30,9 +30,9 @@ logger = get_logger(__name__)
 TICK_TASK = "celery_semaphore.tick"
 #: Groups with something due visited per tick at most (the rest wait for the next one).
 DUE_BATCH = 1000
-#: Groups visited per tick besides the due ones: a full pass over N groups takes N / SWEEP
-#: ticks.
-SWEEP = 50
+#: Groups the tick looks at per tick besides the due ones (one pipelined read; it visits those
+#: that need it): a full pass over N groups takes N / SWEEP ticks.
+SWEEP = 20
 
 
 def run_tick(rt: Runtime) -> dict[str, dict[str, int]]:
@@ -46,8 +46,9 @@ def run_tick(rt: Runtime) -> dict[str, dict[str, int]]:
         summary["recurring"] = {"fired": fired}
     prefix = rt.settings.key_prefix
     sec, usec = rt.client.time()
-    visits = dict(due_groups(rt.client, prefix, int(sec) * 1000 + int(usec) // 1000, DUE_BATCH))
-    for name in _sweep(rt):
+    now_ms = int(sec) * 1000 + int(usec) // 1000
+    visits = dict(due_groups(rt.client, prefix, now_ms, DUE_BATCH))
+    for name in _sweep(rt, now_ms):
         visits.setdefault(name, "")
     if scheduler is not None:
         for name in scheduler.groups():
@@ -77,15 +78,35 @@ def run_tick(rt: Runtime) -> dict[str, dict[str, int]]:
     return summary
 
 
-def _sweep(rt: Runtime) -> list[str]:
-    """The next slice of every group the app knows, round robin (all of them while there are
-    at most SWEEP): repairs index entries lost with a client that died before writing them."""
+def _sweep(rt: Runtime, now_ms: int) -> list[str]:
+    """The groups of the next slice of every group the app knows (round robin; all of them
+    while there are at most SWEEP) that need a visit the index did not ask for: one with
+    something due by its own ``due_at``, or with calls held, waiting or parked and no
+    ``due_at`` at all. One pipelined read; it repairs an index entry lost with a client that
+    died between its script and its write (on a cluster), and groups written before the index
+    existed."""
     known = rt.known_groups()
-    if len(known) <= SWEEP:
-        return known
-    start = rt.sweep_cursor % len(known)
-    rt.sweep_cursor = start + SWEEP
-    return (known + known)[start : start + SWEEP]
+    if len(known) > SWEEP:
+        start = rt.sweep_cursor % len(known)
+        rt.sweep_cursor = start + SWEEP
+        known = (known + known)[start : start + SWEEP]
+    pipe = rt.client.pipeline(transaction=False)
+    for name in known:
+        keys = rt.group(name).keys
+        # due_at; parked calls (the tick's pump is their safety net); held and delayed ones.
+        pipe.hmget(keys["state"], "due_at", "parked")
+        pipe.zcard(keys["holders"])
+        pipe.zcard(keys["delayed"])
+    replies = pipe.execute()
+    visit = []
+    for i, name in enumerate(known):
+        (due_at, parked), held, delayed = replies[3 * i : 3 * i + 3]
+        if due_at is not None:
+            if int(due_at) <= now_ms:
+                visit.append(name)
+        elif held or delayed or int(parked or 0):
+            visit.append(name)
+    return visit
 
 
 def fire_recurring(rt: Runtime, batch: int = 100) -> int:
