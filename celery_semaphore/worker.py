@@ -8,6 +8,7 @@ only thread is busy running the task.
 from __future__ import annotations
 
 import os
+import threading
 from collections import defaultdict
 from typing import Any
 
@@ -96,8 +97,8 @@ class Keepalive(bootsteps.StartStopStep):
             return
         lease_ms = int(rt.settings.lease_s * 1000)
 
-        def renew() -> None:
-            for group, calls in gated_requests().items():
+        def renew(requests: dict[str, Any]) -> None:
+            for group, calls in requests.items():
                 try:
                     lost, backends = rt.group(group).keepalive(calls, lease_ms)
                 except Exception:  # the timer must go on; lease expiry covers a missed renewal
@@ -108,7 +109,28 @@ class Keepalive(bootsteps.StartStopStep):
                 for task_id in lost:
                     logger.warning("gate: call %s holds nothing any more (lease lost)", task_id)
 
-        self.tref = worker.timer.call_repeatedly(keepalive_interval(rt), renew, priority=10)
+        busy = threading.Lock()
+
+        def renew_in_background() -> None:
+            # On the worker's event loop: only take the snapshot here. The round trips run on
+            # a thread of their own, so an unreachable Redis (up to semaphore_redis_timeout per
+            # call) never stalls the loop that consumes messages and answers pings; a renewal
+            # still running makes this one skip.
+            if not busy.acquire(blocking=False):
+                return
+            requests = gated_requests()
+
+            def run() -> None:
+                try:
+                    renew(requests)
+                finally:
+                    busy.release()
+
+            threading.Thread(target=run, name="celery_semaphore keepalive", daemon=True).start()
+
+        self.tref = worker.timer.call_repeatedly(
+            keepalive_interval(rt), renew_in_background, priority=10
+        )
 
     def stop(self, worker: Any) -> None:
         """Stop the timer."""
