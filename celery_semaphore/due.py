@@ -18,7 +18,16 @@ from typing import Any
 #: How long the index outlives its latest entry (seconds).
 GRACE_S = 3600
 
-__all__ = ["SETTLE", "due_groups", "index_key", "note_due", "settle"]
+__all__ = ["NOTE", "SETTLE", "due_groups", "index_key", "note_due", "settle"]
+
+# Add a group's due time unless it has an earlier one, and keep the index for ARGV[3] ms at
+# least, as common.lua's index_add does (EXPIRE NX / GT would need Redis 7).
+NOTE = """
+redis.call('ZADD', KEYS[1], 'LT', ARGV[2], ARGV[1])
+local keep = tonumber(ARGV[3])
+if redis.call('PTTL', KEYS[1]) < keep then redis.call('PEXPIRE', KEYS[1], keep) end
+return 1
+"""
 
 # After the tick visited a group whose index entry it read as `seen`: store the group's next
 # due time, unless a script told an earlier one meanwhile (then that one stays).
@@ -44,13 +53,9 @@ def note_due(client: Any, prefix: str, tag: str, ms: int) -> None:
 
     The index outlives its latest entry by an hour (``GRACE_S``), as the scripts keep it.
     """
-    key = index_key(prefix)
-    keep = int(max(0, ms / 1000 - time.time())) + GRACE_S
-    pipe = client.pipeline(transaction=False)
-    pipe.zadd(key, {tag: ms}, lt=True)
-    pipe.expire(key, keep, nx=True)  # a fresh index
-    pipe.expire(key, keep, gt=True)  # or one whose latest entry moved later
-    pipe.execute()
+    keep_ms = max(0, ms - int(time.time() * 1000)) + GRACE_S * 1000
+    script = client.register_script(NOTE)
+    script(keys=[index_key(prefix)], args=[tag, ms, keep_ms])
 
 
 def due_groups(client: Any, prefix: str, now_ms: int, batch: int) -> list[tuple[str, str]]:
