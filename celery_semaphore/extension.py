@@ -17,9 +17,9 @@ from celery._state import get_current_app
 
 from . import signals, worker
 from .errors import ConfigurationError
+from .followups import fail_fast, follow
 from .group import Release
 from .publish import Publisher
-from .requires import fail_fast, follow
 from .results import cancel_call
 from .runtime import Runtime, runtime_for
 from .scheduler import Scheduler

@@ -12,7 +12,15 @@ from collections.abc import Iterable
 from .errors import SemaphoreError
 from .group import Group
 
-__all__ = ["COLOURS", "GraphvizMissing", "dot_node", "gate_dot", "quote", "to_svg"]
+__all__ = [
+    "COLOURS",
+    "GraphvizMissing",
+    "dot_node",
+    "gate_dot",
+    "quote",
+    "to_svg",
+    "workflow_dot",
+]
 
 #: Fill colour per call state.
 COLOURS = {
@@ -102,6 +110,32 @@ def gate_dot(group: Group, gate: str, parked_count: int = 10) -> str:
             edges.extend(_edges(task_id, (record or {}).get("needs")))
         lines.append("  }")
     lines.extend(f"  {edge}" for edge in edges)
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def workflow_dot(nodes: Iterable[tuple[str, str, str, str, list[str]]]) -> str:
+    """A workflow as DOT, from (id, task, state, cluster label or "", requirement ids) per
+    node: nodes grouped in a subgraph per cluster (a gate), an edge per requirement."""
+    nodes = list(nodes)
+    clusters: dict[str, list[str]] = {}
+    for task_id, task, state, cluster, _ in nodes:
+        clusters.setdefault(cluster, []).append(dot_node(task_id, task, state))
+    lines = [
+        "digraph workflow {",
+        "  rankdir=LR;",
+        '  node [shape=box, style="rounded,filled", fontname="Helvetica"];',
+    ]
+    for label, statements in clusters.items():
+        if label:
+            lines.append(f"  subgraph {quote('cluster_' + label)} {{")
+            lines.append(f"    label={quote(label)};")
+            lines.extend(f"    {s}" for s in statements)
+            lines.append("  }")
+        else:
+            lines.extend(f"  {s}" for s in statements)
+    for task_id, _, _, _, requires in nodes:
+        lines.extend(f"  {quote(source)} -> {quote(task_id)};" for source in requires)
     lines.append("}")
     return "\n".join(lines) + "\n"
 

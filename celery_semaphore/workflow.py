@@ -7,7 +7,6 @@ Results flow as in a chain; a failure or a cancellation reaches the dependents.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -18,7 +17,8 @@ from kombu.utils.uuid import uuid
 
 from .errors import WorkflowError
 from .extension import install
-from .graph import dot_node, quote, to_svg
+from .followups import workflow_key
+from .graph import to_svg, workflow_dot
 from .requires import (
     FREE_GATE,
     NODE_OPTION,
@@ -26,9 +26,9 @@ from .requires import (
     locate,
     requirement_ids,
     send_waiting,
-    workflow_key,
 )
 from .runtime import WORKFLOW_HEADER, Runtime
+from .workflow_run import WorkflowRun
 
 __all__ = ["Node", "Workflow", "WorkflowRun"]
 
@@ -97,7 +97,7 @@ class Workflow:
         self.track = track
         self.on_requirement_failure = on_requirement_failure
         self.nodes: list[Node] = []
-        self.run: WorkflowRun | None = None
+        self.run: WorkflowRun[Node] | None = None
 
     def add(
         self,
@@ -115,7 +115,7 @@ class Workflow:
         self.nodes.append(node)
         return node
 
-    def apply_async(self) -> WorkflowRun:
+    def apply_async(self) -> WorkflowRun[Node]:
         """Send every node; returns at once.
 
         Raises:
@@ -220,56 +220,17 @@ class Workflow:
         edges for requirements, gated nodes grouped by gate."""
         rt = install(self.app)
         current = self.states()
-        clusters: dict[str, list[str]] = {}
+        nodes = []
         for node in self.nodes:
             gates = rt.gates_of(node.task)
-            label = f"gate {gates.gate}" if gates is not None else ""
-            clusters.setdefault(label, []).append(dot_node(node.id, node.task, current[node]))
-        lines = [
-            "digraph workflow {",
-            "  rankdir=LR;",
-            '  node [shape=box, style="rounded,filled", fontname="Helvetica"];',
-        ]
-        for label, statements in clusters.items():
-            if label:
-                lines.append(f"  subgraph {quote('cluster_' + label)} {{")
-                lines.append(f"    label={quote(label)};")
-                lines.extend(f"    {s}" for s in statements)
-                lines.append("  }")
-            else:
-                lines.extend(f"  {s}" for s in statements)
-        for node in self.nodes:
-            for r in node.requires:
-                source = r.id if isinstance(r, Node) else _id(self.app, r)
-                lines.append(f"  {quote(source)} -> {quote(node.id)};")
-        lines.append("}")
-        return "\n".join(lines) + "\n"
+            requires = [r.id if isinstance(r, Node) else _id(self.app, r) for r in node.requires]
+            cluster = f"gate {gates.gate}" if gates is not None else ""
+            nodes.append((node.id, node.task, current[node], cluster, requires))
+        return workflow_dot(nodes)
 
     def to_svg(self) -> str:
         """The workflow as SVG; raises ``GraphvizMissing`` when ``dot`` is not installed."""
         return to_svg(self.to_dot())
-
-
-class WorkflowRun:
-    """A sent workflow: ``results`` maps each node to its AsyncResult."""
-
-    def __init__(self, workflow: Workflow, results: dict[Node, AsyncResult]) -> None:
-        self.workflow = workflow
-        self.results = results
-
-    def get(self, timeout: float | None = None, propagate: bool = True) -> dict[Node, Any]:
-        """Wait for every node; raise the first failure (in the order nodes were added) when
-        ``propagate``, else return each node's result or exception."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        values: dict[Node, Any] = {}
-        for node, result in self.results.items():
-            left = None if deadline is None else max(0.01, deadline - time.monotonic())
-            values[node] = result.get(timeout=left, propagate=False, disable_sync_subtasks=False)
-        if propagate:
-            for result in self.results.values():
-                if result.state in states.PROPAGATE_STATES:
-                    result.maybe_throw()
-        return values
 
 
 _BACKEND_STATES = {
