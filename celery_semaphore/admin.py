@@ -16,6 +16,7 @@ from typing import Any
 
 from .group import Group
 from .runtime import Runtime
+from .views import text
 
 __all__ = [
     "BUCKETS_S",
@@ -111,11 +112,6 @@ class Operation:
     at_ms: int
     who: str
     what: str
-
-
-def text(value: Any) -> str:
-    """A Redis reply as str."""
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def now_ms(group: Group) -> int:

@@ -13,7 +13,10 @@ write lost with a dying client.
 from __future__ import annotations
 
 import time
+import weakref
 from typing import Any
+
+from .views import text
 
 #: How long the index outlives its latest entry (seconds).
 GRACE_S = 3600
@@ -43,6 +46,17 @@ return 1
 """
 
 
+_scripts: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def _script(client: Any, source: str) -> Any:
+    """``source`` registered once per client (EVALSHA from then on)."""
+    mine = _scripts.setdefault(client, {})
+    if source not in mine:
+        mine[source] = client.register_script(source)
+    return mine[source]
+
+
 def index_key(prefix: str) -> str:
     """The index of one key prefix."""
     return f"{{{prefix}:ticks}}:due"
@@ -54,7 +68,7 @@ def note_due(client: Any, prefix: str, tag: str, ms: int) -> None:
     The index outlives its latest entry by an hour (``GRACE_S``), as the scripts keep it.
     """
     keep_ms = max(0, ms - int(time.time() * 1000)) + GRACE_S * 1000
-    script = client.register_script(NOTE)
+    script = _script(client, NOTE)
     script(keys=[index_key(prefix)], args=[tag, ms, keep_ms])
 
 
@@ -62,17 +76,13 @@ def due_groups(client: Any, prefix: str, now_ms: int, batch: int) -> list[tuple[
     """(group name, the score read) of the groups whose time came, at most ``batch``."""
     rows = client.zrangebyscore(index_key(prefix), "-inf", now_ms, 0, batch, withscores=True)
     head = len(prefix) + 2  # "{prefix:"
-    return [(_text(m)[head:-1], _score(s)) for m, s in rows]
+    return [(text(m)[head:-1], _score(s)) for m, s in rows]
 
 
 def settle(client: Any, prefix: str, tag: str, seen: str, next_due: int | None) -> None:
     """Record a group's next due time after a visit, on a cluster (see :data:`SETTLE`)."""
-    script = client.register_script(SETTLE)
+    script = _script(client, SETTLE)
     script(keys=[index_key(prefix)], args=[tag, seen, "" if next_due is None else next_due])
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _score(value: float) -> str:

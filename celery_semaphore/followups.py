@@ -15,6 +15,7 @@ from .message import Envelope
 from .outcome import Ended, Notice, Reply, Trace
 from .results import fail_call, record_revoked
 from .runtime import WORKFLOW_HEADER, Runtime
+from .views import text
 
 __all__ = ["fail_fast", "follow", "track_line", "workflow_key"]
 
@@ -54,10 +55,6 @@ def _ended(rt: Runtime, item: Ended) -> None:
             rt.on_node_failed(item.task_id, workflow)
 
 
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _header(message: bytes, name: str) -> str:
     try:
         headers = Envelope.decode(message).publish_kwargs.get("headers") or {}
@@ -78,7 +75,7 @@ def fail_fast(rt: Runtime, task_id: str, workflow: str) -> None:
         return
     nodes = rt.client.hgetall(workflow_key(rt.settings.key_prefix, workflow_id))
     for raw_id, raw_group in nodes.items():
-        node, group = _text(raw_id), _text(raw_group)
+        node, group = text(raw_id), text(raw_group)
         if node == task_id:
             continue
         state, replies = rt.group(group).cancel(node, reason=f"fail_fast: {task_id} failed")

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 from .errors import SemaphoreError
 from .group import Group
+from .views import text
 
 __all__ = [
     "COLOURS",
@@ -77,10 +78,6 @@ def to_svg(dot: str) -> str:
     return done.stdout.decode()
 
 
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _state(record: dict[str, object] | None) -> str:
     if record is None:
         return "PENDING"
@@ -92,7 +89,7 @@ def gate_dot(group: Group, gate: str, parked_count: int = 10) -> str:
     the requirements of those calls."""
     holders = list(group.holders())
     members = group.client.zrange(group.keys["queue"], 0, parked_count - 1)
-    parked = [_text(m).rsplit("\x1f", 1)[-1] for m in members]
+    parked = [text(m).rsplit("\x1f", 1)[-1] for m in members]
     lines = [
         "digraph gate {",
         "  rankdir=LR;",

@@ -34,6 +34,7 @@ from .outcome import (
 from .replies import split_grants
 from .scripts import Scripts, code_of
 from .views import GroupViews
+from .views import text as as_text
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +72,6 @@ def _before_sending(exc: BaseException) -> bool:
     if isinstance(exc, (redis.sentinel.MasterNotFoundError, redis.exceptions.ClusterError)):
         return True
     return "connecting" in str(exc)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class Group(GroupViews):
@@ -156,7 +153,7 @@ class Group(GroupViews):
             if task_id and not _before_sending(exc):
                 raise AcceptanceUnknown(self.url, task_id, exc) from exc
             raise RedisUnavailable(self.url, exc) from exc
-        self.epoch = _text(reply[0])
+        self.epoch = as_text(reply[0])
         if acked is not None and acked < self.wait_replicas:
             short = redis.TimeoutError(
                 f"the change reached {acked} of {self.wait_replicas} replicas "
@@ -245,12 +242,12 @@ class Group(GroupViews):
             reply = send(payload)
         outcome = Acquired(int(reply[1]))
         self._expect_full = outcome is Acquired.PARKED
-        stored = [int(x) if x else 0 for x in _text(reply[3]).split(",")]
+        stored = [int(x) if x else 0 for x in as_text(reply[3]).split(",")]
         grants, _ = self._split(reply[5:])
         extra: tuple[Any, ...] = ()
         if reply[4]:
-            kind = _text(reply[4][0])
-            extra = (kind, _text(reply[4][1]), *reply[4][2:])
+            kind = as_text(reply[4][0])
+            extra = (kind, as_text(reply[4][1]), *reply[4][2:])
         return Admission(outcome, int(reply[2]), stored, grants, extra)
 
     def start(
@@ -266,7 +263,7 @@ class Group(GroupViews):
         reply = self._run(self.scripts.start, now_ms, [task_id, runner, int(redeliver)])
         verdict = Started(code_of("start", reply, (1, 4, 5, 7, 8)))
         follow, _ = self._split(reply[5:])
-        return verdict, int(reply[2]), _text(reply[3]), bool(int(reply[4])), follow
+        return verdict, int(reply[2]), as_text(reply[3]), bool(int(reply[4])), follow
 
     def release(
         self,
@@ -289,7 +286,7 @@ class Group(GroupViews):
         args = [task_id, fence_arg, window_ms, state, payload, text]
         reply = self._run(self.scripts.release, now_ms, args)
         grants, malformed = self._split(reply[4:])
-        return Release(bool(int(reply[1])), _text(reply[2]), _text(reply[3]), grants, malformed)
+        return Release(bool(int(reply[1])), as_text(reply[2]), as_text(reply[3]), grants, malformed)
 
     def keepalive(
         self, calls: Mapping[str, Sequence[str]], lease_ms: int, *, now_ms: int | None = None
@@ -304,8 +301,8 @@ class Group(GroupViews):
         pairs = [x for task_id, gates in calls.items() for x in (task_id, ",".join(gates))]
         reply = self._run(self.scripts.keepalive, now_ms, [self._lease(lease_ms), *pairs])
         kept = reply[2]
-        backends = {_text(kept[i]): _text(kept[i + 1]) for i in range(0, len(kept), 2)}
-        return [_text(x) for x in reply[1]], backends
+        backends = {as_text(kept[i]): as_text(kept[i + 1]) for i in range(0, len(kept), 2)}
+        return [as_text(x) for x in reply[1]], backends
 
     def reclaim(
         self, *, batch: int = 1000, backoff_ms: int = 1000, now_ms: int | None = None
@@ -321,12 +318,12 @@ class Group(GroupViews):
         reply = self._run(self.scripts.reclaim, now_ms, args)
         reclaimed = [
             Reclaimed(
-                _text(i),
-                _text(s),
-                _text(w),
+                as_text(i),
+                as_text(s),
+                as_text(w),
                 int(f),
-                _text(b),
-                _text(n),
+                as_text(b),
+                as_text(n),
                 bool(int(a)),
                 int(d),
                 m if isinstance(m, bytes) else str(m).encode(),
@@ -334,8 +331,8 @@ class Group(GroupViews):
             for i, s, w, f, b, n, a, d, m in reply[1]
         ]
         grants, malformed = self._split(reply[2])
-        dropped = [tuple(_text(x).split(" ", 1)) for x in reply[3]]
-        expired = [(_text(i), int(w) / 1000.0, m, _text(g)) for i, w, m, g in reply[4]]
+        dropped = [tuple(as_text(x).split(" ", 1)) for x in reply[3]]
+        expired = [(as_text(i), int(w) / 1000.0, m, as_text(g)) for i, w, m, g in reply[4]]
         next_due = int(reply[5]) if len(reply) > 5 and reply[5] else None
         pairs = [(d[0], d[-1]) for d in dropped]
         return Reclaim(reclaimed, grants, malformed, pairs, expired, next_due)
@@ -368,7 +365,7 @@ class Group(GroupViews):
         window_ms = int(self.dedupe_window_s * 1000)
         reply = self._run(self.scripts.cancel, now_ms, [task_id, window_ms, reason, who])
         grants, _ = self._split(reply[3:])
-        return _text(reply[2]), grants
+        return as_text(reply[2]), grants
 
     def link(
         self, requirement: str, dependent_tag: str, dependent: str, *, future: bool = False
@@ -384,7 +381,7 @@ class Group(GroupViews):
             self.scripts.link, None, [requirement, dependent_tag, dependent, int(future)]
         )
         code = code_of("link", reply, (0, 1, 2, 3))
-        return code, _text(reply[2]), _text(reply[3]), _text(reply[4]), _text(reply[5])
+        return code, as_text(reply[2]), as_text(reply[3]), as_text(reply[4]), as_text(reply[5])
 
     def satisfy(
         self,
@@ -415,7 +412,7 @@ class Group(GroupViews):
         ``who`` (host:pid) journals it as an operator's change.
         """
         reply = self._run(self.scripts.resize, now_ms, [gate, int(limit), who])
-        old = _text(reply[1])
+        old = as_text(reply[1])
         grants, _ = self._split(reply[2:])
         return (int(old) if old else None), grants
 
@@ -427,4 +424,4 @@ class Group(GroupViews):
         calls purged and the calls handed room."""
         reply = self._run(self.scripts.operate, now_ms, [op, gate, arg, who])
         grants, _ = self._split(reply[3:])
-        return [_text(x) for x in reply[2]], grants
+        return [as_text(x) for x in reply[2]], grants
