@@ -35,6 +35,7 @@ from .replies import split_grants
 from .scripts import Scripts, code_of
 from .views import GroupViews
 from .views import text as as_text
+from .wire import ScriptCall
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,7 @@ class Group(GroupViews):
         self.recover_ms = 0
         # Whether the last acquire had to keep its call: then the next sends its message.
         self._expect_full = False
+        self._calls: dict[str, ScriptCall] = {}
 
     def __repr__(self) -> str:
         return f"<Group {self.name!r}>"
@@ -140,7 +142,7 @@ class Group(GroupViews):
             if self.wait_replicas:
                 reply, acked = self._run_replicated(script, [*head, *args])
             else:
-                reply = script(keys=self._keys, args=[*head, *args])
+                reply = self._script_call(script)([*head, *args])
         except redis.TimeoutError as exc:
             # A read timeout: the request may sit in the server's buffer and run later (a
             # stalled server). A connect timeout sent nothing (redis-py says "connecting").
@@ -165,6 +167,12 @@ class Group(GroupViews):
             # skip a run Redis recorded.
             logger.warning("gate group %r: %s", self.name, short)
         return reply
+
+    def _script_call(self, script: Any) -> ScriptCall:
+        call = self._calls.get(script.sha)
+        if call is None:
+            call = self._calls[script.sha] = ScriptCall(self.client, script, self._keys)
+        return call
 
     def _run_replicated(self, script: Any, args: list[Any]) -> tuple[Any, int]:
         """Run ``script`` then ``WAIT`` on the same connection (WAIT counts the replicas that
@@ -230,7 +238,7 @@ class Group(GroupViews):
         def send(payload: bytes) -> Any:
             args = [task_id, call_json, ",".join(map(str, limits)), int(delay_ms), payload, flags]
             reply = self._run(self.scripts.acquire, now_ms, args, task_id)
-            code_of("acquire", reply, (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11))
+            code_of("acquire", reply, (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12))
             return reply
 
         eager = bool(flags) or delay_ms > 0 or not callable(message) or self._expect_full
