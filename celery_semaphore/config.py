@@ -47,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "semaphore_history_ttl": 3600.0,
     "semaphore_track": False,
     "semaphore_report_waiting": True,
+    "semaphore_broker_push": True,
     "semaphore_redis_cluster": False,
     "semaphore_redis_wait_replicas": 0,
 }
@@ -179,6 +180,7 @@ class Settings:
     history_ttl_s: float = DEFAULTS["semaphore_history_ttl"]
     track: bool = DEFAULTS["semaphore_track"]
     report_waiting: bool = DEFAULTS["semaphore_report_waiting"]
+    broker_push: bool = DEFAULTS["semaphore_broker_push"]
     redis_cluster: bool = DEFAULTS["semaphore_redis_cluster"]
     wait_replicas: int = DEFAULTS["semaphore_redis_wait_replicas"]
     redis_url_is_broker: bool = False
@@ -275,6 +277,7 @@ class Settings:
             history_ttl_s=check_history_ttl(get("semaphore_history_ttl")),
             track=check_flag("semaphore_track", get("semaphore_track")),
             report_waiting=check_flag("semaphore_report_waiting", get("semaphore_report_waiting")),
+            broker_push=check_flag("semaphore_broker_push", get("semaphore_broker_push")),
             redis_cluster=check_flag("semaphore_redis_cluster", get("semaphore_redis_cluster")),
             wait_replicas=check_count(
                 "semaphore_redis_wait_replicas", get("semaphore_redis_wait_replicas")

@@ -17,6 +17,8 @@ from kombu import Exchange
 from kombu.serialization import dumps
 from kombu.utils import json
 
+from .push import PUSH_PREFIX, unpack
+
 __all__ = ["CapturingProducer", "Envelope"]
 
 # Publish keyword arguments that cannot be stored as they are.
@@ -77,10 +79,35 @@ class Envelope:
     @classmethod
     def decode(cls, raw: bytes | str) -> Envelope:
         """Rebuild an envelope from its stored form; raises ValueError when it is malformed."""
+        if isinstance(raw, bytes) and raw.startswith(PUSH_PREFIX):
+            return cls._from_pushed(raw)
         try:
             doc = json.loads(raw)
             data = base64.b64decode(doc["data"]) if doc["b64"] else doc["data"]
             return cls(data, doc["ct"], doc["ce"], dict(doc["kw"]), list(doc["q"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"malformed parked message: {exc!r}") from exc
+
+    @classmethod
+    def _from_pushed(cls, raw: bytes) -> Envelope:
+        # The kombu message a script would push (see push.py), published as usual instead.
+        try:
+            _, message = unpack(raw)
+            props = dict(message["properties"])
+            info = props.pop("delivery_info", {}) or {}
+            body = message["body"]
+            if props.pop("body_encoding", None) == "base64":
+                body = base64.b64decode(body)
+            for name in ("delivery_tag", "redelivered"):
+                props.pop(name, None)
+            headers = {k: v for k, v in message["headers"].items() if k != "semaphore_handoff"}
+            kwargs = {
+                **props,
+                "exchange": info.get("exchange", ""),
+                "routing_key": info.get("routing_key", ""),
+                "headers": headers,
+            }
+            return cls(body, message["content-type"], message["content-encoding"], kwargs, [])
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"malformed parked message: {exc!r}") from exc
 

@@ -38,6 +38,7 @@ class Acquired(enum.IntEnum):
     FULL_DROPPED = 9  # max_pending reached, on_full="drop": nothing written, it ends GateFull
     RESENT = 10  # a second send of a call granted at its first send, not started: publish a copy
     NEEDS = 11  # waits for its requirements (the caller links them)
+    PUSHED = 12  # granted, and its message pushed into the broker's queue (see push.py)
 
 
 class Started(enum.IntEnum):
@@ -89,6 +90,8 @@ class Grant:
     message: bytes
     #: JSON list of the results it receives from its requirements ("" when none).
     inputs: str = ""
+    #: The script put its message in the broker's queue itself (see push.py): nothing to do.
+    pushed: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

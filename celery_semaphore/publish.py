@@ -18,6 +18,7 @@ from celery.utils.log import get_logger
 from .errors import ConfigurationError, DuplicateCall, GateFull
 from .group import Acquired
 from .message import CapturingProducer, Envelope
+from .push import capture
 from .requires import free_gates, link_requirements, take_requirements
 from .results import PARKED, WAITING, fail_call, record_revoked, report_waiting
 from .runtime import HANDOFF_HEADER, Runtime
@@ -114,11 +115,14 @@ class Publisher:
 
         def on_task(real_producer: Any, envelope: Envelope) -> Any:
             group = rt.group(gates.group)
+            # Where the broker is the gates' Redis, the script itself puts the message in the
+            # broker's queue when it grants the call (see push.py).
+            message = capture(real_producer, envelope) if rt.broker_push else None
             outcome, pending, stored, grants, extra = group.acquire(
                 task_id,
                 spec.to_json(gates.names, **record),
                 gates.limits,
-                envelope.encode,
+                message or envelope.encode,
                 lease_ms=spec.lease_ms,
                 delay_ms=delay_ms,
                 flags=flags,
@@ -142,6 +146,8 @@ class Publisher:
                 fail_call(rt.app, task_id, GateFull(gates.gate, stored[0], pending), envelope)
                 return None
             _overflowed(rt, gates, task_id, extra)
+            if outcome is Acquired.PUSHED:
+                return None
             if outcome is Acquired.RESENT:
                 # The first send's message may never have reached the broker (its caller got
                 # AcceptanceUnknown): publish a copy; only one copy runs (see acquire.lua).

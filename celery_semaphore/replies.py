@@ -35,5 +35,5 @@ def split_grants(rows: Iterable[Any]) -> tuple[list[Reply], list[Malformed]]:
             malformed.append(Malformed(head, row[2]))
         else:
             inputs = text(row[3]) if len(row) > 3 else ""
-            grants.append(Grant(head, int(row[1]), row[2], inputs))
+            grants.append(Grant(head, int(row[1]), row[2], inputs, len(row) > 4 and row[4] == 1))
     return grants, malformed

@@ -25,6 +25,7 @@ from .group import Grant, Group, Malformed
 from .inputs import INPUTS_HEADER
 from .message import Envelope
 from .outcome import Reply
+from .push import broker_is_gates
 from .scripts import Scripts
 from .spec import TaskGates, check_agreement, resolve, specs_of
 
@@ -68,9 +69,12 @@ def runtime_for(app: Celery | None, *, create: bool = False) -> Runtime | None:
     """The runtime of ``app`` (made when ``create``), or ``None`` when it has none."""
     if app is None:
         return None
+    rt = _runtimes.get(app)  # read on every signal of every task: no lock once made
+    if rt is not None or not create:
+        return rt
     with _lock:
         rt = _runtimes.get(app)
-        if rt is None and create:
+        if rt is None:
             rt = _runtimes[app] = Runtime(app)
         return rt
 
@@ -142,6 +146,15 @@ class Runtime:
         except redis.RedisError as exc:
             raise RedisUnavailable(self.url, exc) from exc
         return client  # type: ignore[no-any-return]
+
+    @cached_property
+    def broker_push(self) -> bool:
+        """Whether grants push messages into the broker's queues themselves: the broker is
+        the gates' Redis server and database (see :mod:`.push`; ``semaphore_broker_push``)."""
+        s = self.settings
+        if not s.broker_push or kind_of(s.redis_url, s.redis_cluster) != "single":
+            return False
+        return broker_is_gates(self.app, self.client)
 
     @cached_property
     def scripts(self) -> Scripts:
@@ -291,6 +304,8 @@ class Runtime:
         expires the tick sends it again, so it is delayed, never lost. The reply's follow-ups
         (traces, calls ended by a requirement, notices to other groups) go to :attr:`follow`.
         """
+        if not grants and not malformed:
+            return 0  # the common end: nothing was handed on
         others = [g for g in grants if not isinstance(g, Grant)]
         if others and self.follow is not None:
             self.follow(group, others)
@@ -302,8 +317,12 @@ class Runtime:
                 entry.raw[:200],
             )
         calls: list[Grant] = []
+        pushed = 0
         for grant in grants:
             if not isinstance(grant, Grant):
+                continue
+            if grant.pushed:
+                pushed += 1  # the script put it in the broker's queue (see push.py)
                 continue
             if grant.message.startswith(LOCK_MESSAGE):
                 # A Semaphore hold waiting in a plain process: wake it (it subscribed before it
@@ -314,8 +333,8 @@ class Runtime:
             else:
                 calls.append(grant)
         if not calls:
-            return 0
-        sent = 0
+            return pushed
+        sent = pushed
         with self.app.producer_or_acquire() as producer:
             queues = self.app.amqp.queues
             for grant in calls:

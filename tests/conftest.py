@@ -54,12 +54,19 @@ def prefix() -> str:
     return f"t{uuid.uuid4().hex[:10]}"
 
 
+#: Where the tests' broker lives: "shared" (the default, and the common deployment) puts it in
+#: the gates' database, so grants push messages themselves (see celery_semaphore/push.py);
+#: "split" gives it a database of its own, so every message goes through Celery's publish.
+LAYOUT = os.environ.get("CELERY_SEMAPHORE_TEST_LAYOUT", "shared")
+
+
 @pytest.fixture
 def urls(redis_base: str) -> dict[str, str]:
-    """Database per role: slots, broker, results, probe counters."""
+    """Database per role: slots, broker (the slots' one in the shared layout), results, probe
+    counters."""
     return {
         "slots": f"{redis_base}/0",
-        "broker": f"{redis_base}/1",
+        "broker": f"{redis_base}/{0 if LAYOUT == 'shared' else 1}",
         "backend": f"{redis_base}/2",
         "probe": f"{redis_base}/3",
     }

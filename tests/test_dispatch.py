@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 import pytest
@@ -12,6 +11,7 @@ from kombu.exceptions import EncodeError
 
 from celery_semaphore import TICK_TASK, RedisUnavailable, runtime_for
 from celery_semaphore.group import Acquired
+from celery_semaphore.message import Envelope
 from celery_semaphore.tick import run_tick
 
 from .conftest import acquire, at_rest, slot_keys, threads_worker, wait_for
@@ -186,11 +186,16 @@ def test_a_parked_call_keeps_its_routing_and_options(make_app: Callable[..., Cel
     app.tasks["proj.work"].delay(1)
     app.tasks["proj.work"].apply_async((2,), priority=3, headers={"x-tenant": "acme"})
     raw = ext.client.hvals(ext.group("work").keys["messages"])[0]
-    envelope = json.loads(raw)
-    assert envelope["q"] == [app.conf.task_default_queue]
-    assert envelope["kw"]["headers"]["x-tenant"] == "acme"
-    assert envelope["kw"]["headers"]["semaphore_gate"] == "work"
-    assert envelope["kw"]["priority"] == 3
+    envelope = Envelope.decode(raw)
+    if ext.broker_push:
+        # Kept as kombu's own message for the queue's priority list (see push.py).
+        assert raw.startswith(f"kombu\x1f{app.conf.task_default_queue}\x06\x163\x1f".encode())
+        assert envelope.publish_kwargs["routing_key"] == app.conf.task_default_queue
+    else:
+        assert envelope.queues == [app.conf.task_default_queue]
+    assert envelope.publish_kwargs["headers"]["x-tenant"] == "acme"
+    assert envelope.publish_kwargs["headers"]["semaphore_gate"] == "work"
+    assert envelope.publish_kwargs["priority"] == 3
 
 
 def test_a_cancelled_parked_call_never_runs_and_its_result_says_revoked(

@@ -19,7 +19,8 @@
 --   6, 0       it must be kept but no message came: nothing written, send it again;
 --  10, fence   the id was granted at its first send and has not started: nothing written,
 --              but this send publishes a copy (DuplicateCall), as the first one's may be lost;
---  11, 0       it waits for its requirements (the call's `needs`): the caller links them.
+--  11, 0       it waits for its requirements (the call's `needs`): the caller links them;
+--  12, fence   granted now, and its message pushed into the broker's queue (see push.py).
 -- Rows after the grants are tagged follow-ups (see common.lua, FOLLOW).
 local id = ARGV[5]
 local call = cjson.decode(ARGV[6])
@@ -130,7 +131,11 @@ if delay_ms > 0 then
   return reply(7, 0)
 end
 local fence, verdict, g, key = try_grant(id, rec)
-if fence then return reply(1, fence) end
+if fence then
+  -- Where the broker is this server, its message goes to the broker's queue in this step.
+  if pushed(message, false, '') then return reply(12, fence) end
+  return reply(1, fence)
+end
 if message == '' then return reply(6, 0) end
 local cap = tonumber(rec.max_pending) or 0
 if cap > 0 then

@@ -190,6 +190,35 @@ local function split(s, sep)
   end
 end
 
+-- Broker push (see push.py): a stored message "kombu\31<list key>\31<payload>" is a kombu
+-- message of the broker's Redis (this server), put in its queue by the script that grants it,
+-- so nobody publishes it. At a hand-off its first header becomes semaphore_handoff "1",
+-- followed by a workflow node's inputs. Returns false for any other message.
+local PUSH = 'kombu' .. SEP
+local HANDOFF_MARK = '"headers": {"semaphore_handoff": "0"'
+local function pushed(message, handoff, inputs)
+  if string.sub(message, 1, 6) ~= PUSH then return false end
+  local at = string.find(message, SEP, 7, true)
+  if not at then return false end
+  local key, payload = string.sub(message, 7, at - 1), string.sub(message, at + 1)
+  if handoff then
+    local m = string.find(payload, HANDOFF_MARK, 1, true)
+    if not m then return false end
+    local head = '"headers": {"semaphore_handoff": "1"'
+    if inputs ~= '' then head = head .. ', "semaphore_inputs": ' .. cjson.encode(inputs) end
+    payload = string.sub(payload, 1, m - 1) .. head .. string.sub(payload, m + #HANDOFF_MARK)
+  end
+  redis.call('LPUSH', key, payload)
+  return true
+end
+
+-- The reply row of a call handed room: {id, fence, message, inputs}, or, when it was pushed
+-- here, {id, fence, '', '', 1}.
+local function handed(id, fence, message, inputs)
+  if pushed(message, true, inputs) then return {id, fence, '', '', 1} end
+  return {id, fence, message, inputs}
+end
+
 local function concat(a, b)
   for _, v in ipairs(b) do a[#a + 1] = v end
   return a
@@ -576,7 +605,7 @@ local function serve(g, lane, out)
   end
   unqueue(id, rec, m)
   rec.lane, rec.seq, rec.ready_ms = nil, nil, 0
-  out[#out + 1] = {id, grant(id, rec, 'granted'), message, inputs_of(rec)}
+  out[#out + 1] = handed(id, grant(id, rec, 'granted'), message, inputs_of(rec))
   count(rec.gates, 'dispatched')
   if lane_head(lane) then
     -- Round robin: a served lane goes behind the other lanes of its priority.
@@ -738,7 +767,7 @@ local function admit(id, rec, event)
   rec.ready_ms = 0
   local fence, verdict, g, key = try_grant(id, rec)
   if fence then
-    FOLLOW[#FOLLOW + 1] = {id, fence, redis.call('HGET', K_MESSAGES, id) or '', inputs_of(rec)}
+    FOLLOW[#FOLLOW + 1] = handed(id, fence, redis.call('HGET', K_MESSAGES, id) or '', inputs_of(rec))
     count(rec.gates, 'dispatched')
   else
     park_at(id, rec, verdict, g, key, event)
