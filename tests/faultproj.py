@@ -26,6 +26,7 @@ import redis
 from celery import Celery, group, signals
 
 from celery_semaphore import current_fence, gated, holds_slot
+from celery_semaphore.group import Group
 from celery_semaphore.message import Envelope
 from celery_semaphore.worker import process_alive
 
@@ -352,6 +353,7 @@ def app_from_env(env: os._Environ[str] | dict[str, str]) -> Celery:
         "semaphore_max_dispatches": int(env.get("CS_MAX_DISPATCHES", "5")),
         "semaphore_limit_source": env.get("CS_LIMIT_SOURCE", "redis"),
         "semaphore_redis_timeout": float(env.get("CS_REDIS_TIMEOUT", "2.0")),
+        "semaphore_broker_push": env.get("CS_BROKER_PUSH", "1") == "1",
     }
     if env.get("CS_VISIBILITY"):
         # Kombu's sweep of unacked messages: every second instead of every 100 s.
@@ -394,9 +396,26 @@ def crash_on_next_publish(probe: Probe) -> None:
     Envelope.publish = publish  # type: ignore[method-assign]
 
 
+def crash_after_next_script(probe: Probe, method: str) -> None:
+    """Make this process die (SIGKILL) right after the next ``Group.<method>`` script the test
+    arms with ``probe.set_flag("crash-after-script")`` returned: whatever the script did is
+    done, nothing after it in this process is."""
+    original = getattr(Group, method)
+
+    def run(self: Group, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
+        if probe.client.delete(probe.key("flag:crash-after-script")):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    setattr(Group, method, run)
+
+
 if "CS_BROKER" in os.environ:
     app = app_from_env(os.environ)
     if os.environ.get("CS_CRASH_PUBLISH") == "1":
         crash_on_next_publish(app.probe)  # type: ignore[attr-defined]
+    if os.environ.get("CS_CRASH_AFTER"):
+        crash_after_next_script(app.probe, os.environ["CS_CRASH_AFTER"])  # type: ignore[attr-defined]
 else:
     app = Celery("faultproj-unconfigured")

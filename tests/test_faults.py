@@ -532,13 +532,16 @@ def test_redis_stopped_and_restarted_fails_calls_fast_writes_nothing_and_expiry_
 # -- a crash between taking a slot and publishing ---------------------------------------------
 
 
-def _crashing_caller(cluster: Cluster, task_id: str) -> subprocess.CompletedProcess[bytes]:
-    """Call fault.sleep from a process that dies (SIGKILL) inside the publish of its message."""
+def _crashing_caller(
+    cluster: Cluster, task_id: str, **crash: str
+) -> subprocess.CompletedProcess[bytes]:
+    """Call fault.sleep from a process that dies (SIGKILL) inside the publish of its message
+    (or where ``crash`` says)."""
     script = (
         "from tests import faultproj\n"
         f"faultproj.app.tasks['fault.sleep'].apply_async((10,), task_id={task_id!r})\n"
     )
-    env = dict(cluster.env, CS_CRASH_PUBLISH="1")
+    env = dict(cluster.env, **(crash or {"CS_CRASH_PUBLISH": "1"}))
     return subprocess.run(
         [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, timeout=60
     )
@@ -547,6 +550,8 @@ def _crashing_caller(cluster: Cluster, task_id: str) -> subprocess.CompletedProc
 def test_a_caller_killed_between_taking_a_slot_and_publishing_leaves_a_slot_the_tick_reclaims(
     cluster: Cluster, slots: redis.Redis, prefix: str
 ) -> None:
+    # The caller publishes (without broker push that window exists; see the next test).
+    cluster.configure(CS_BROKER_PUSH="0")
     cluster.probe.set_flag("crash-publish")
     done = _crashing_caller(cluster, "crashed-call")
     assert done.returncode == -signal.SIGKILL, done.stderr.decode()
@@ -562,10 +567,47 @@ def test_a_caller_killed_between_taking_a_slot_and_publishing_leaves_a_slot_the_
     assert_at_rest(cluster, slots, prefix, timeout=2)
 
 
+def test_a_caller_killed_right_after_its_submit_script_with_broker_push_loses_nothing(
+    cluster: Cluster, slots: redis.Redis, prefix: str
+) -> None:
+    # With broker push the grant and the publish are one script: a caller killed the moment
+    # that script returned left its call in the broker, and it runs.
+    cluster.probe.set_flag("crash-after-script")
+    done = _crashing_caller(cluster, "pushed-call", CS_CRASH_AFTER="acquire")
+    assert done.returncode == -signal.SIGKILL, done.stderr.decode()
+    assert list(cluster.gate.holders()) == ["pushed-call"] and queued(cluster) == 1
+    cluster.worker("w1")  # no beat: nothing is sent again
+    wait_for(lambda: cluster.count("start", "pushed-call") == 1, 20, "the pushed call to run")
+    wait_for(lambda: not cluster.gate.holders(), 20, "its release")
+    assert cluster.count("prerun", "pushed-call") == 1
+    assert_at_rest(cluster, slots, prefix, timeout=2)
+
+
+def test_a_worker_killed_right_after_its_release_script_with_broker_push_hands_on_at_once(
+    cluster: Cluster, slots: redis.Redis, prefix: str
+) -> None:
+    # The release script itself put the next call in the broker: the worker that ran it dies
+    # the moment it returned, and the next call runs without waiting for a tick.
+    cluster.configure(CS_CRASH_AFTER="release")
+    fa = flag()
+    a = call(cluster, "hang", fa)
+    b = call(cluster, "sleep", 20)
+    assert cluster.gate.parked() == 1
+    cluster.worker("w1")  # no beat
+    cluster.wait_started(a.id)
+    cluster.probe.set_flag("crash-after-script")
+    cluster.probe.set_flag(fa)
+    wait_for(lambda: not cluster.probe.flag("crash-after-script"), 10, "the injected crash")
+    assert b.get(timeout=min(10.0, reclaim_window(cluster))) == 20
+    assert cluster.count("start", b.id) == 1
+    assert_at_rest(cluster, slots, prefix, timeout=5)
+
+
 def test_a_worker_killed_between_handing_a_slot_on_and_publishing_republishes_the_call(
     cluster: Cluster, slots: redis.Redis, prefix: str
 ) -> None:
-    cluster.configure(CS_CRASH_PUBLISH="1")
+    # The worker publishes the next call (without broker push; see the test above).
+    cluster.configure(CS_CRASH_PUBLISH="1", CS_BROKER_PUSH="0")
     fa = flag()
     a = call(cluster, "hang", fa)
     b = call(cluster, "sleep", 20)  # accepted: its caller holds b.id
