@@ -1,4 +1,4 @@
-"""``python -m benchmarks``: run the scenarios of issues 5 and 9 and print one Markdown table.
+"""``python -m benchmarks``: run the scenarios of issues 5, 9 and 15; print one Markdown table.
 
 Examples::
 
@@ -23,6 +23,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from .cluster import Cluster
 from .harness import Bench, Options
@@ -31,6 +32,8 @@ from .model import backlog, fairness, stacked
 from .report import Row, as_json, conditions, failed_row, render
 from .resources import memory, redis_cost
 from .throughput import overhead, utilisation
+from .user import user
+from .user import workers as user_workers
 from .workflow import workflow
 
 __all__ = ["main", "parse_options"]
@@ -46,10 +49,13 @@ SCENARIOS: dict[int, tuple[str, Callable[[Bench], list[Row]]]] = {
     8: ("8 fairness", fairness),
     9: ("9 stacked", stacked),
     10: ("10 workflow", workflow),
+    11: ("11 user", user),
 }
 #: Scenarios that drive a Group on a redis-server of their own (no worker, no broker); 9 adds
 #: an end-to-end figure when the workers run anyway.
 GROUP_LEVEL = frozenset({7, 8})
+#: Scenarios that also measure the gates in the broker's Redis (worker ``gated-shared``).
+SHARED_LAYOUT = frozenset({1, 2, 3, 11})
 
 NOTES = [
     "Every figure is the median over the repetitions, with the min-max range in brackets; "
@@ -81,6 +87,13 @@ NOTES = [
     "the unit the node took (at most `limit` run at once, so the i-th start took the unit of "
     "the (i - limit)-th end). Its canvas is chain(group(layer 1), ..., group(layer L)), which "
     "Celery runs as nested chords, on a plain worker with -c limit and a Redis result backend.",
+    "Scenario 11 is the user's view: the harness sends the calls one by one while the worker "
+    "consumes, and the time runs from just before the first submit to the last call's record "
+    "(its end stamp, taken just before the RPUSH); the relay ceiling is timed the same way. "
+    "'One Redis': broker, records and gates on one redis-server, the gates in the broker's "
+    "database; 'two Redis': the gates on a redis-server of their own, as in every other "
+    "scenario. Scenario 4's 'one Redis' row times the same free-slot .delay() with the gates "
+    "in the broker's database.",
 ]
 
 
@@ -89,7 +102,9 @@ def parse_options(argv: Sequence[str] | None = None) -> tuple[Options, argparse.
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--scenarios", default="1,2,3,4,5,6,7,8,9,10", help="comma-separated, 1-10")
+    parser.add_argument(
+        "--scenarios", default="1,2,3,4,5,6,7,8,9,10,11", help="comma-separated, 1-11"
+    )
     parser.add_argument("--reps", type=int, default=5, help="repetitions of each figure")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every call count")
     parser.add_argument(
@@ -194,6 +209,10 @@ def _scenario_workers(bench: Bench, number: int) -> list[str]:
             {"canvas": {"gated": False, "concurrency": opts.limit, "results": True}}
         )
         return ["canvas"]
+    if number == 11:
+        specs = {k: v for k, v in user_workers().items() if k not in bench.workers}
+        bench.start_workers(specs)
+        return list(specs)
     return []
 
 
@@ -228,7 +247,11 @@ def run(options: Options, logs: Path | None = None) -> tuple[list[Row], list[str
             cluster = stack.enter_context(Cluster(options.limit, options.free_limit, workdir=logs))
         bench = Bench(options, cluster)
         if cluster is not None:
-            bench.start_workers({"plain": {"gated": False}, "gated": {"gated": True}})
+            base: dict[str, dict[str, Any]] = {"plain": {"gated": False}, "gated": {"gated": True}}
+            if set(options.scenarios) & SHARED_LAYOUT:
+                # The gates in the broker's Redis: grants push the messages themselves.
+                base["gated-shared"] = {"gated": True, "layout": "shared"}
+            bench.start_workers(base)
         for number in options.scenarios:
             label, scenario = SCENARIOS[number]
             extra: list[str] = []

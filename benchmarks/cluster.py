@@ -2,8 +2,10 @@
 
 The broker and the probe records share one ``redis-server``; the slots live on a second one,
 so ``INFO commandstats`` of the slots server counts celery_semaphore's traffic and nothing of
-the broker's. :meth:`Cluster.close` stops every process the run started, by pid, even when a
-scenario failed.
+the broker's. That is the ``separate`` layout; in the ``shared`` layout (scenarios 4 and 11)
+the gates live on the broker's server, in the broker's database, under a key prefix of their
+own: one Redis for everything, as many deployments run it. :meth:`Cluster.close` stops every
+process the run started, by pid, even when a scenario failed.
 """
 
 from __future__ import annotations
@@ -26,9 +28,13 @@ from celery_semaphore.server import PrivateRedis, start_private_redis
 
 from . import proj
 
-__all__ = ["ROOT", "Cluster", "Worker", "cpu_seconds", "process_tree", "memory_kib"]
+__all__ = ["LAYOUTS", "ROOT", "Cluster", "Worker", "cpu_seconds", "process_tree", "memory_kib"]
 
 ROOT = Path(__file__).resolve().parent.parent
+
+#: Where the gates live: ``separate`` on a redis-server of their own, ``shared`` on the
+#: broker's (same database).
+LAYOUTS = ("separate", "shared")
 
 
 class Worker:
@@ -97,21 +103,38 @@ class Cluster:
         self.plain_app = self.app(gated=False)
         self.gated_app = self.app(gated=True)
 
+    def gate_home(self, layout: str = "separate") -> tuple[str, str]:
+        """The Redis URL and the key prefix of the gates in ``layout`` (see :data:`LAYOUTS`).
+
+        Raises:
+            ValueError: ``layout`` is not one of :data:`LAYOUTS`.
+        """
+        if layout == "separate":
+            return self.urls["slots"], self.prefix
+        if layout == "shared":
+            # The broker's own URL, database included: gates and queues side by side. A
+            # prefix of their own keeps these gates apart from any other run's state.
+            return self.urls["broker"], f"{self.prefix}-shared"
+        raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
+
     def _start_server(self) -> PrivateRedis:
         server = start_private_redis()
         self._servers.append(server)
         return server
 
-    def env(self, gated: bool = True, results: bool = False) -> dict[str, str]:
+    def env(
+        self, gated: bool = True, results: bool = False, layout: str = "separate"
+    ) -> dict[str, str]:
         """The environment of a worker subprocess of this run (``results``: with the result
-        backend)."""
+        backend; ``layout``: where its gates live, see :meth:`gate_home`)."""
+        slots_url, prefix = self.gate_home(layout)
         env = dict(os.environ)
         env.update(
             BENCH_BROKER=self.urls["broker"],
-            BENCH_SLOTS=self.urls["slots"],
+            BENCH_SLOTS=slots_url,
             BENCH_PROBE=self.urls["probe"],
             BENCH_DRAMATIQ_BROKER=self.urls["dramatiq"],
-            BENCH_PREFIX=self.prefix,
+            BENCH_PREFIX=prefix,
             BENCH_LIMIT=str(self.limit),
             BENCH_FREE_LIMIT=str(self.free_limit),
             BENCH_GATED="1" if gated else "0",
@@ -122,14 +145,21 @@ class Cluster:
         return env
 
     def app(
-        self, *, gated: bool, prefix: str | None = None, default_queue: str | None = None
+        self,
+        *,
+        gated: bool,
+        prefix: str | None = None,
+        default_queue: str | None = None,
+        layout: str = "separate",
     ) -> Celery:
-        """A Celery app in this process configured like the workers (or with another prefix)."""
+        """A Celery app in this process configured like the workers of ``layout`` (or with
+        another key prefix)."""
+        slots_url, layout_prefix = self.gate_home(layout)
         return proj.create_app(
             broker_url=self.urls["broker"],
-            slots_url=self.urls["slots"],
+            slots_url=slots_url,
             probe_url=self.urls["probe"],
-            prefix=prefix or self.prefix,
+            prefix=prefix or layout_prefix,
             limit=self.limit,
             gated=gated,
             free_limit=self.free_limit,
@@ -139,14 +169,21 @@ class Cluster:
     # -- workers ---------------------------------------------------------------------------
 
     def _spawn(
-        self, name: str, args: list[str], gated: bool, kind: str, queue: str, results: bool = False
+        self,
+        name: str,
+        args: list[str],
+        gated: bool,
+        kind: str,
+        queue: str,
+        results: bool = False,
+        layout: str = "separate",
     ) -> Worker:
         log = self.workdir / f"{name}.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", *args],
                 cwd=ROOT,
-                env=self.env(gated, results),
+                env=self.env(gated, results, layout),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -158,17 +195,24 @@ class Cluster:
         return worker
 
     def celery_worker(
-        self, name: str, *, gated: bool, concurrency: int, pool: str, results: bool = False
+        self,
+        name: str,
+        *,
+        gated: bool,
+        concurrency: int,
+        pool: str,
+        results: bool = False,
+        layout: str = "separate",
     ) -> Worker:
         """Start ``celery worker`` on a queue of its own (not waiting for it: see :meth:`ready`);
-        ``results``: with the result backend."""
+        ``results``: with the result backend; ``layout``: where its gates live."""
         queue = f"{self.prefix}.{name}"
         args = [
             "celery", "-A", "benchmarks.proj", "worker", "-P", pool, "-c", str(concurrency),
             "-Q", queue, "-n", f"{name}@%h", "--without-gossip", "--without-mingle",
             "--without-heartbeat", "-l", "WARNING",
         ]  # fmt: skip
-        return self._spawn(name, args, gated, "celery", queue, results)
+        return self._spawn(name, args, gated, "celery", queue, results, layout)
 
     def dramatiq_worker(self, name: str, *, concurrency: int) -> Worker:
         """Start a Dramatiq worker (one process, ``concurrency`` threads)."""

@@ -35,7 +35,7 @@ class Options:
     ``retry_factor`` sets the in-task semaphore's retry countdown in task durations.
     """
 
-    scenarios: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
+    scenarios: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)
     reps: int = 5
     scale: float = 1.0
     memory_calls: int = 20_000
@@ -111,6 +111,8 @@ class Bench:
         self.workers: dict[str, Worker] = {}
         #: The Dramatiq broker and actors, once scenario 2 started a Dramatiq worker.
         self.dramatiq_actors: Any = None
+        #: The harness's gated apps of the other layouts, built when first asked for.
+        self._gate_apps: dict[str, Celery] = {}
 
     def tag(self, label: str) -> str:
         """A probe list name of its own for one batch."""
@@ -121,7 +123,10 @@ class Bench:
         return self.workers[name]
 
     def start_workers(self, specs: dict[str, dict[str, Any]]) -> None:
-        """Start workers in parallel (``name -> celery_worker kwargs``) and wait for them."""
+        """Start workers in parallel (``name -> celery_worker kwargs``) and wait for them.
+
+        A spec may name its ``layout`` (``"shared"``: the gates on the broker's Redis).
+        """
         for name, spec in specs.items():
             if spec.get("kind") == "dramatiq":
                 self.workers[name] = self.cluster.dramatiq_worker(
@@ -134,24 +139,31 @@ class Bench:
                     concurrency=spec.get("concurrency", self.options.concurrency),
                     pool=self.options.pool,
                     results=spec.get("results", False),
+                    layout=spec.get("layout", "separate"),
                 )
         self.cluster.ready([self.workers[n] for n in specs])
 
-    def gate_app(self) -> Celery:
-        """The harness's app with the extension (sends gated calls)."""
-        return self.cluster.gated_app
+    def gate_app(self, layout: str = "separate") -> Celery:
+        """The harness's app with the extension (sends gated calls), its gates where the
+        workers of ``layout`` keep theirs."""
+        if layout == "separate":
+            return self.cluster.gated_app
+        if layout not in self._gate_apps:
+            self._gate_apps[layout] = self.cluster.app(gated=True, layout=layout)
+        return self._gate_apps[layout]
 
     def plain_app(self) -> Celery:
         """The harness's app without the extension."""
         return self.cluster.plain_app
 
-    def wait_idle(self, gate: str, timeout: float = 30.0) -> None:
-        """Wait until ``gate`` has no holder and no parked call (the last release ran).
+    def wait_idle(self, gate: str, timeout: float = 30.0, layout: str = "separate") -> None:
+        """Wait until ``gate`` (of ``layout``) has no holder and no parked call (the last
+        release ran).
 
         Raises:
             BenchError: slots are still held after ``timeout`` seconds.
         """
-        rt = runtime_for(self.cluster.gated_app)
+        rt = runtime_for(self.gate_app(layout))
         assert rt is not None
         handle = rt.group_of_gate(gate)
         deadline = time.monotonic() + timeout

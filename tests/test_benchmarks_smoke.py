@@ -3,7 +3,8 @@
 Speed is not asserted (a tiny run on a busy machine says nothing about it), but what each
 scenario counted is: every call sent ran exactly once, a gate never had more running than
 its limit and did reach it, the fairness figure is within its bound, the groups driven
-directly end at rest, and every workflow node started after its requirements ended.
+directly end at rest, and every workflow node started after its requirements ended. Scenario
+11 and scenario 4's "one Redis" row run with the gates in the broker's database.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 
-# It starts celery worker subprocesses (scenarios 1-6, 9 and 10).
+# It starts celery worker subprocesses (scenarios 1-6 and 9-11).
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,11 +26,16 @@ ROOT = Path(__file__).resolve().parent.parent
 # One row per scenario that the README's performance section relies on.
 EXPECTED_ROWS = (
     "| 1 overhead | gated / plain |",
+    "| 1 overhead | gated / plain, one Redis (broker push) |",
+    "| 1 overhead | worker CPU added per gated call, two Redis / one Redis |",
+    "| 2 utilisation 10 ms | celery_semaphore, one Redis / relay ceiling |",
+    "| 3 hand-off | gate hand-off p50 - hop floor p50, one Redis |",
     "| 2 utilisation 10 ms | celery_semaphore / relay ceiling |",
     "| 2 utilisation 10 ms | in-task Redis semaphore + self.retry(), / (N/d) |",
     "| 3 hand-off | gate hand-off p50 - hop floor p50 |",
     "| 3 hand-off | gate hand-off p99 |",
     "| 4 submit | gated (free slot) / plain, calls/s |",
+    "| 4 submit | gated (free slot) / plain, calls/s, one Redis |",
     "| 5 Redis cost | round trips per call, free gate",
     "| 6 worker memory | peak RSS with - without |",
     "| 7 backlog | time to park 2,000 calls",
@@ -40,6 +46,10 @@ EXPECTED_ROWS = (
     "| 9 stacked | end to end, stacked / plain |",
     "| 10 workflow | requirement hop / hop floor, p50 / p99 |",
     "| 10 workflow | total time, workflow / canvas |",
+    "| 11 user 10 ms, one Redis | gate / relay ceiling (same way) |",
+    "| 11 user 10 ms, two Redis | gate / relay ceiling (same way) |",
+    "| 11 user 100 ms, one Redis | 20 gated calls (limit 4, -c 8) sent while consuming",
+    "| 11 user 100 ms, two Redis | 20 gated calls (limit 4, -c 8) sent while consuming",
 )
 LIMIT = 4
 BACKLOG = 2000
@@ -79,21 +89,23 @@ def test_a_tiny_benchmark_run_checks_every_scenario(tmp_path: Path) -> None:
     # 1: every call of every variant ran once.
     (f,) = facts["1"]
     assert f["calls_sent"] == f["calls_completed"]
-    assert set(f["calls_sent"]) == {"plain", "gated", "in-task"}
+    assert set(f["calls_sent"]) == {"plain", "gated", "gated-shared", "in-task"}
 
-    # 2 and 3: the gate reached its limit and never went over it (from the tasks' own times).
-    (f,) = facts["2"]
-    assert f["calls_completed"] == f["calls_sent"] > 0
-    assert f["peak_running"] == f["limit"] == LIMIT
-    (f,) = facts["3"]
-    assert f["calls_completed"] == f["calls_sent"] > 0
-    assert f["peak_running"] == f["limit"] == 1
+    # 2 and 3: the gate reached its limit and never went over it (from the tasks' own times),
+    # with the gates on their own Redis and in the broker's.
+    assert len(facts["2"]) == len(facts["3"]) == 2
+    for f in facts["2"]:
+        assert f["calls_completed"] == f["calls_sent"] > 0
+        assert f["peak_running"] == f["limit"] == LIMIT
+    for f in facts["3"]:
+        assert f["calls_completed"] == f["calls_sent"] > 0
+        assert f["peak_running"] == f["limit"] == 1
 
     # 4: a full gate parks every call sent to it (the filler keeps its one unit); the calls
-    # timed on a free gate were all given back.
+    # timed on a free gate, on its own Redis and on the broker's, were all given back.
     (f,) = facts["4"]
     assert f["full_parked"] == f["calls_sent"]["full"] > 0
-    assert (f["full_held"], f["free_held"]) == (1, 0)
+    assert (f["full_held"], f["free_held"], f["free_shared_held"]) == (1, 0, 0)
 
     # 5 and 6: every call ran once.
     assert [g["gate"] for g in facts["5"]] == ["free", "limited"]
@@ -146,3 +158,16 @@ def test_a_tiny_benchmark_run_checks_every_scenario(tmp_path: Path) -> None:
         started = runs[node][0][0]
         late = [r for r in reqs if runs[r][0][1] > started]
         assert not late, f"{node} started before {late} ended"
+
+    # 11: in both layouts and at both durations, every call sent while the worker consumed
+    # ran once, gated and relayed, and the gate reached its limit and never went over it.
+    assert sorted((f["layout"], f["ms"]) for f in facts["11"]) == [
+        ("separate", 10.0),
+        ("separate", 100.0),
+        ("shared", 10.0),
+        ("shared", 100.0),
+    ]
+    for f in facts["11"]:
+        assert f["calls_completed"] == f["calls_sent"] > 0, f
+        assert f["relay_calls_completed"] == f["relay_calls_sent"] == f["calls_sent"], f
+        assert f["peak_running"] == f["limit"] == LIMIT, f
