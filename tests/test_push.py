@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
+from kombu import Queue
 from kombu.serialization import loads
 
 from celery_semaphore import Workflow, runtime_for
@@ -151,3 +152,33 @@ def test_a_stored_pushed_message_reads_back_as_the_call_it_carries(
 def test_a_malformed_pushed_message_is_a_value_error(bad: bytes) -> None:
     with pytest.raises(ValueError, match="parked message"):
         Envelope.decode(bad)
+
+
+def test_a_global_keyprefix_and_an_expiring_queue_are_kombu_s_own_either_way(
+    urls: dict[str, str], prefix: str, slots: redis.Redis, lpushes: list[tuple[str, str]]
+) -> None:
+    # kombu's global_keyprefix: the script pushes to the prefixed list a worker reads.
+    app = _app(
+        urls,
+        prefix,
+        "slots",
+        limit=1,
+        broker_transport_options={"global_keyprefix": f"{prefix}:kp:"},
+    )
+    work = app.tasks["proj.work"]
+    first, second = work.delay(4), work.delay(6)
+    assert slots.llen(f"{prefix}:kp:{prefix}") == 1
+    with threads_worker(app, concurrency=2):
+        assert (first.get(timeout=20), second.get(timeout=20)) == (4, 6)
+    wait_for(lambda: len(lpushes) >= 2, 5, "MONITOR to see both pushes")
+    assert [client for client, _ in lpushes] == ["lua", "lua"]
+    lpushes.clear()
+
+    # A queue with x-expires needs kombu's PEXPIREs beside the LPUSH: published as usual.
+    expiring = _app(urls, prefix, "slots", limit=1)
+    expiring.conf.task_queues = [Queue(prefix, queue_arguments={"x-expires": 600_000})]
+    done = expiring.tasks["proj.work"].delay(3)
+    with threads_worker(expiring, concurrency=2):
+        assert done.get(timeout=20) == 3
+    wait_for(lambda: lpushes, 5, "MONITOR to see the publish")
+    assert [client for client, _ in lpushes] == ["tcp"]
