@@ -770,7 +770,8 @@ local function admit(id, rec, event)
   rec.ready_ms = 0
   local fence, verdict, g, key = try_grant(id, rec)
   if fence then
-    FOLLOW[#FOLLOW + 1] = handed(id, fence, redis.call('HGET', K_MESSAGES, id) or '', inputs_of(rec))
+    local message = redis.call('HGET', K_MESSAGES, id) or ''
+    FOLLOW[#FOLLOW + 1] = handed(id, fence, message, inputs_of(rec))
     count(rec.gates, 'dispatched')
   else
     park_at(id, rec, verdict, g, key, event)
