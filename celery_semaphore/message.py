@@ -17,7 +17,7 @@ from kombu import Exchange
 from kombu.serialization import dumps
 from kombu.utils import json
 
-from .push import PUSH_PREFIX, unpack
+from .push import HANDOFF_HEADER, PUSH_PREFIX, unpack
 
 __all__ = ["CapturingProducer", "Envelope"]
 
@@ -100,7 +100,7 @@ class Envelope:
                 body = base64.b64decode(body)
             for name in ("delivery_tag", "redelivered"):
                 props.pop(name, None)
-            headers = {k: v for k, v in message["headers"].items() if k != "semaphore_handoff"}
+            headers = {k: v for k, v in message["headers"].items() if k != HANDOFF_HEADER}
             kwargs = {
                 **props,
                 "exchange": info.get("exchange", ""),

@@ -24,15 +24,16 @@ from typing import Any
 from celery.utils.log import get_logger
 from kombu.utils import json
 
-__all__ = ["MARK", "PUSH_PREFIX", "broker_is_gates", "capture", "unpack"]
+__all__ = ["HANDOFF_HEADER", "MARK", "PUSH_PREFIX", "broker_is_gates", "capture", "unpack"]
 
 logger = get_logger(__name__)
 
 #: Start of a stored message that a script pushes itself.
 PUSH_PREFIX = b"kombu\x1f"
+#: Header added to a message published from Redis after it was handed room (not at submit).
+HANDOFF_HEADER = "semaphore_handoff"
 #: Where the scripts mark a hand-off in a payload (the first header, see lua/common.lua).
-MARK = b'"headers": {"semaphore_handoff": "0"'
-_HANDOFF = "semaphore_handoff"
+MARK = f'"headers": {{"{HANDOFF_HEADER}": "0"'.encode()
 _LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 
 
@@ -88,8 +89,8 @@ def capture(producer: Any, envelope: Any) -> bytes | None:
     if batch_local is _no_batch or getattr(batch_local, "current", None) is not None:
         return None  # an older kombu, or the caller's own batch: publish as usual
     kwargs = dict(envelope.publish_kwargs)
-    headers = {k: v for k, v in (kwargs.get("headers") or {}).items() if k != _HANDOFF}
-    kwargs["headers"] = {_HANDOFF: "0", **headers}
+    headers = {k: v for k, v in (kwargs.get("headers") or {}).items() if k != HANDOFF_HEADER}
+    kwargs["headers"] = {HANDOFF_HEADER: "0", **headers}
     collector = _Collector()
     batch_local.current = collector
     try:

@@ -25,7 +25,7 @@ from .group import Grant, Group, Malformed
 from .inputs import INPUTS_HEADER
 from .message import Envelope
 from .outcome import Reply
-from .push import broker_is_gates
+from .push import HANDOFF_HEADER, broker_is_gates
 from .scripts import Scripts
 from .spec import TaskGates, check_agreement, resolve, specs_of
 
@@ -42,8 +42,6 @@ __all__ = [
 
 logger = get_logger(__name__)
 
-#: Header added to a message published from Redis after it was handed room (not at submit).
-HANDOFF_HEADER = "semaphore_handoff"
 #: Header of a workflow node: "<workflow id>:<1 when fail_fast, else 0>".
 WORKFLOW_HEADER = "semaphore_workflow"
 #: The stored "message" of a Semaphore hold: not a task, a process to wake.
