@@ -81,7 +81,8 @@ def connect(url: str, *, cluster: bool = False, timeout_s: float = 5.0) -> Any:
         sentinel = Sentinel(
             _hosts(parts.netloc, 26379),
             sentinel_kwargs={**timeouts, "password": query.get("sentinel_password")},
-            **timeouts,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
         )
         return sentinel.master_for(
             parts.path.strip("/"), db=int(query.get("db", 0)), password=password
