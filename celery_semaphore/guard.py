@@ -146,6 +146,19 @@ def refuse_if_denied() -> None:
         )
         return
     verdict = getattr(request, "semaphore_verdict", None)
+    if verdict is None and group_of_request(request) is None:
+        if not getattr(request, "is_eager", False) and _is_gated(task):
+            # A call of a gated task sent without its gate: by a process where the task is
+            # not registered (send_task by name) or whose app never installed the extension.
+            # It runs only through its gate.
+            task.signature_from_request(request).apply_async()
+            logger.warning(
+                "gate: call %s of gated task %s arrived without its gate; sent through it",
+                request.id,
+                task.name,
+            )
+            raise Ignore()
+        return
     if verdict is None or verdict.runs:
         return
     if verdict is Started.DUPLICATE and _allows_duplicates(task):

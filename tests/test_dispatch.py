@@ -43,6 +43,22 @@ def test_the_decorator_works_above_and_below_app_task(make_app: Callable[..., Ce
     assert app.probe.value("peak") == 2
 
 
+def test_a_gated_task_sent_by_a_process_that_does_not_gate_it_still_waits_for_its_gate(
+    make_app: Callable[..., Celery], urls: dict[str, str], prefix: str
+) -> None:
+    # send_task by name from an app without the task (another codebase, a script): the
+    # message carries no gate, so the worker sends it through its gate before it runs.
+    app = make_app(limit=2)
+    stranger = Celery("stranger", broker=urls["broker"], backend=urls["backend"])
+    stranger.conf.task_default_queue = prefix
+    results = [stranger.send_task("proj.work", args=(40,)) for _ in range(8)]
+    with threads_worker(app, concurrency=8):
+        assert [r.get(timeout=30) for r in results] == [40] * 8
+    assert app.probe.value("peak") == 2
+    gate = runtime_for(app).group("work")
+    wait_for(lambda: gate.held() == 0 and gate.parked() == 0, 10, "the gate to be at rest")
+
+
 def test_a_call_with_a_free_slot_is_published_at_once_and_a_full_gate_parks(
     make_app: Callable[..., Celery],
 ) -> None:
