@@ -56,6 +56,8 @@ SCENARIOS: dict[int, tuple[str, Callable[[Bench], list[Row]]]] = {
 GROUP_LEVEL = frozenset({7, 8})
 #: Scenarios that also measure the gates in the broker's Redis (worker ``gated-shared``).
 SHARED_LAYOUT = frozenset({1, 2, 3, 11})
+#: Scenarios that also measure calls held ahead of their grant (worker ``gated-prefetch``).
+PREFETCH_LAYOUT = frozenset({2, 3})
 
 NOTES = [
     "Every figure is the median over the repetitions, with the min-max range in brackets; "
@@ -251,6 +253,8 @@ def run(options: Options, logs: Path | None = None) -> tuple[list[Row], list[str
             if set(options.scenarios) & SHARED_LAYOUT:
                 # The gates in the broker's Redis: grants push the messages themselves.
                 base["gated-shared"] = {"gated": True, "layout": "shared"}
+            if set(options.scenarios) & PREFETCH_LAYOUT:
+                base["gated-prefetch"] = {"gated": True, "layout": "prefetch"}
             bench.start_workers(base)
         for number in options.scenarios:
             label, scenario = SCENARIOS[number]

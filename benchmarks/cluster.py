@@ -4,7 +4,8 @@ The broker and the probe records share one ``redis-server``; the slots live on a
 so ``INFO commandstats`` of the slots server counts celery_semaphore's traffic and nothing of
 the broker's. That is the ``separate`` layout; in the ``shared`` layout (scenarios 4 and 11)
 the gates live on the broker's server, in the broker's database, under a key prefix of their
-own: one Redis for everything, as many deployments run it. :meth:`Cluster.close` stops every
+own: one Redis for everything, as many deployments run it; the ``prefetch`` layout (scenarios 2
+and 3) is the shared one with ``semaphore_prefetch`` set. :meth:`Cluster.close` stops every
 process the run started, by pid, even when a scenario failed.
 """
 
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: Where the gates live: ``separate`` on a redis-server of their own, ``shared`` on the
 #: broker's (same database).
-LAYOUTS = ("separate", "shared")
+LAYOUTS = ("separate", "shared", "prefetch")
 
 
 class Worker:
@@ -111,10 +112,11 @@ class Cluster:
         """
         if layout == "separate":
             return self.urls["slots"], self.prefix
-        if layout == "shared":
+        if layout in ("shared", "prefetch"):
             # The broker's own URL, database included: gates and queues side by side. A
             # prefix of their own keeps these gates apart from any other run's state.
-            return self.urls["broker"], f"{self.prefix}-shared"
+            # "prefetch": the same, with semaphore_prefetch (see :meth:`prefetch_of`).
+            return self.urls["broker"], f"{self.prefix}-{layout}"
         raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
 
     def _start_server(self) -> PrivateRedis:
@@ -142,7 +144,12 @@ class Cluster:
         )
         if results:
             env["BENCH_RESULTS"] = self.urls["results"]
+        env["BENCH_PREFETCH"] = str(self.prefetch_of(layout))
         return env
+
+    def prefetch_of(self, layout: str) -> int:
+        """``semaphore_prefetch`` of ``layout``: one call held ahead per unit of the limit."""
+        return self.limit if layout == "prefetch" else 0
 
     def app(
         self,
@@ -164,6 +171,7 @@ class Cluster:
             gated=gated,
             free_limit=self.free_limit,
             default_queue=default_queue,
+            prefetch=self.prefetch_of(layout),
         )
 
     # -- workers ---------------------------------------------------------------------------

@@ -47,6 +47,7 @@ def create_app(
     lease_s: float = 30.0,
     default_queue: str | None = None,
     result_backend: str | None = None,
+    prefetch: int = 0,
 ) -> Celery:
     """Build the benchmark app.
 
@@ -63,6 +64,7 @@ def create_app(
         default_queue: the queue ``.delay()`` sends to.
         result_backend: a result backend, for the chords of scenario 10's canvas (``None``:
             none, as in every other scenario).
+        prefetch: ``semaphore_prefetch`` (calls held ahead of their grant, broker push only).
 
     Returns:
         The app, with tasks ``bench.plain``, ``bench.relay``, ``bench.locked`` and, when
@@ -88,6 +90,7 @@ def create_app(
             "sdb": free_limit,
         },
         semaphore_lease=lease_s,
+        semaphore_prefetch=prefetch,
     )
     if result_backend:
         app.conf.result_backend = result_backend
@@ -207,6 +210,7 @@ def app_from_env(env: Mapping[str, str]) -> Celery:
         free_limit=int(env.get("BENCH_FREE_LIMIT", "2000")),
         lease_s=float(env.get("BENCH_LEASE", "30")),
         result_backend=env.get("BENCH_RESULTS") or None,
+        prefetch=int(env.get("BENCH_PREFETCH", "0")),
     )
 
 

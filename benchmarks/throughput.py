@@ -11,6 +11,7 @@ from collections import defaultdict
 from typing import Any
 
 from .harness import Batch, Bench, rotated
+from .latency import GATE_LAYOUTS
 from .proj import gated_task_name
 from .report import Row, verdict
 from .stats import Spread, peak_overlap, ratio_of
@@ -142,8 +143,9 @@ def _utilisation_at(bench: Bench, ms: float) -> list[Row]:
     n_dramatiq = opts.calls(200 if ms <= 10 else 40, limit * 5)
     ideal = limit / (ms / 1000.0)
     plain_w, gated_w, c4_w = bench.worker("plain"), bench.worker("gated"), bench.worker("c4")
-    shared_w = bench.worker("gated-shared")
+    shared_w, prefetch_w = bench.worker("gated-shared"), bench.worker("gated-prefetch")
     plain, gated, shared = bench.plain_app(), bench.gate_app(), bench.gate_app("shared")
+    prefetch = bench.gate_app("prefetch")
     per_chain = max(1, n // limit)
     timeout = _timeout(n, ms / 1000.0 / limit)
 
@@ -164,6 +166,13 @@ def _utilisation_at(bench: Bench, ms: float) -> list[Row]:
             shared_w,
             lambda tag: _send_many(
                 shared.tasks[gated_task_name("limited")], n, (ms, tag), shared_w.queue
+            ),
+            n,
+        ),
+        "gate-prefetch": (
+            prefetch_w,
+            lambda tag: _send_many(
+                prefetch.tasks[gated_task_name("limited")], n, (ms, tag), prefetch_w.queue
             ),
             n,
         ),
@@ -198,7 +207,7 @@ def _utilisation_at(bench: Bench, ms: float) -> list[Row]:
     wasted: dict[str, list[float]] = defaultdict(list)
     facts = {
         name: {"limit": limit, "calls_sent": 0, "calls_completed": 0, "peak_running": 0}
-        for name in ("gate", "gate-shared")
+        for name in GATE_LAYOUTS
     }
     for rep in range(opts.reps):
         for name in rotated(list(variants), rep):
@@ -207,7 +216,7 @@ def _utilisation_at(bench: Bench, ms: float) -> list[Row]:
             refused_before = _count_refused(worker.log) if gate_worker else 0
             batch: Batch = bench.run_batch(worker, f"util{ms:g}-{name}", submit, timeout * 3)
             if gate_worker:
-                bench.wait_idle("limited", layout="shared" if name == "gate-shared" else "separate")
+                bench.wait_idle("limited", layout=GATE_LAYOUTS[name])
                 batch.wasted = _count_refused(worker.log) - refused_before
                 facts[name]["calls_sent"] += calls
                 facts[name]["calls_completed"] += len(batch.records)
@@ -221,6 +230,7 @@ def _utilisation_at(bench: Bench, ms: float) -> list[Row]:
     label = f"2 utilisation {ms:g} ms"
     gate_vs_relay = ratio_of(util["gate"], util["relay"])
     shared_vs_relay = ratio_of(util["gate-shared"], util["relay"])
+    prefetch_vs_relay = ratio_of(util["gate-prefetch"], util["relay"])
     # Issue 15: >= 0.90 of N/d at 10 ms (what a dedicated worker reaches), >= 0.95 at 100 ms.
     bound = 0.95 if ms >= 100 else 0.90
     rows = [
@@ -243,6 +253,15 @@ def _utilisation_at(bench: Bench, ms: float) -> list[Row]:
         ),
         Row(
             label,
+            f"celery_semaphore, one Redis, prefetch {bench.cluster.prefetch_of('prefetch')}, "
+            "/ (N/d)",
+            _u(util["gate-prefetch"], wasted["gate-prefetch"]),
+            f">= {bound:.2f}",
+            verdict(Spread(util["gate-prefetch"]).median >= bound),
+            facts=facts["gate-prefetch"],
+        ),
+        Row(
+            label,
             "celery_semaphore: most calls running at once (task timestamps) / limit",
             f"{gate_facts['peak_running']} / {limit}",
             "== limit",
@@ -250,6 +269,7 @@ def _utilisation_at(bench: Bench, ms: float) -> list[Row]:
         ),
         _vs_relay(label, "celery_semaphore / relay ceiling", gate_vs_relay, ms),
         _vs_relay(label, "celery_semaphore, one Redis / relay ceiling", shared_vs_relay, ms),
+        _vs_relay(label, "celery_semaphore, prefetch / relay ceiling", prefetch_vs_relay, ms),
         Row(label, f"dedicated worker -c {limit}, / (N/d)", _u(util["c4"], wasted["c4"])),
         Row(
             label,

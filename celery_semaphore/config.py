@@ -48,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "semaphore_track": False,
     "semaphore_report_waiting": True,
     "semaphore_broker_push": True,
+    "semaphore_prefetch": 0,
     "semaphore_redis_cluster": False,
     "semaphore_redis_wait_replicas": 0,
 }
@@ -161,6 +162,8 @@ class Settings:
             result arrived and no redelivery is coming, is recorded as ``CallDropped``.
         max_dispatches: how many times a call is handed room without starting before it is
             recorded as ``NeverStarted``.
+        prefetch: how many calls waiting in a full gate are sent to the broker ahead of their
+            grant (broker push only), each held by a worker until a release grants it.
     """
 
     redis_url: str
@@ -181,6 +184,7 @@ class Settings:
     track: bool = DEFAULTS["semaphore_track"]
     report_waiting: bool = DEFAULTS["semaphore_report_waiting"]
     broker_push: bool = DEFAULTS["semaphore_broker_push"]
+    prefetch: int = DEFAULTS["semaphore_prefetch"]
     redis_cluster: bool = DEFAULTS["semaphore_redis_cluster"]
     wait_replicas: int = DEFAULTS["semaphore_redis_wait_replicas"]
     redis_url_is_broker: bool = False
@@ -278,6 +282,7 @@ class Settings:
             track=check_flag("semaphore_track", get("semaphore_track")),
             report_waiting=check_flag("semaphore_report_waiting", get("semaphore_report_waiting")),
             broker_push=check_flag("semaphore_broker_push", get("semaphore_broker_push")),
+            prefetch=check_count("semaphore_prefetch", get("semaphore_prefetch")),
             redis_cluster=check_flag("semaphore_redis_cluster", get("semaphore_redis_cluster")),
             wait_replicas=check_count(
                 "semaphore_redis_wait_replicas", get("semaphore_redis_wait_replicas")

@@ -259,17 +259,26 @@ class Group(GroupViews):
         return Admission(outcome, int(reply[2]), stored, grants, extra)
 
     def start(
-        self, task_id: str, runner: str, *, redeliver: bool = False, now_ms: int | None = None
+        self,
+        task_id: str,
+        runner: str,
+        *,
+        redeliver: bool = False,
+        unhold: bool = False,
+        now_ms: int | None = None,
     ) -> tuple[Started, int, str, bool, list[Reply]]:
         """Mark ``task_id`` running under ``runner``.
 
         ``redeliver`` says the broker brings the call back if its worker dies (``acks_late``),
         so an expired lease of it is not a dropped call. Returns the verdict, the fence, the
         name of the backend that started the call (``""`` for a gated call), whether calls
-        wait for its end (then its result is wanted), and follow-ups (traces).
+        wait for its end (then its result is wanted), and follow-ups (traces). ``unhold``
+        lets go of a call held ahead of its grant (``semaphore_prefetch``): it answers
+        ``REPARKED`` for a call that still waits.
         """
-        reply = self._run(self.scripts.start, now_ms, [task_id, runner, int(redeliver)])
-        verdict = Started(code_of("start", reply, (1, 4, 5, 7, 8)))
+        args = [task_id, runner, int(redeliver), int(unhold)]
+        reply = self._run(self.scripts.start, now_ms, args)
+        verdict = Started(code_of("start", reply, (1, 4, 5, 7, 8, 9)))
         follow, _ = self._split(reply[5:])
         return verdict, int(reply[2]), as_text(reply[3]), bool(int(reply[4])), follow
 

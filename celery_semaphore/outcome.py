@@ -49,6 +49,7 @@ class Started(enum.IntEnum):
     REPARKED = 5  # the call's grant expired and it waits again
     LOST = 7  # the call holds nothing: send it through the gate again
     ENDED = 8  # the call already ran to its end, or was cancelled: a late copy
+    AHEAD = 9  # sent ahead of its grant (prefetch): hold it until a release grants it
 
     @property
     def runs(self) -> bool:

@@ -99,6 +99,11 @@ class Publisher:
         record: dict[str, Any] = {"task": name, **(needs.fields if needs else {})}
         if track or any(s.track for s in gates.specs):
             record["track"] = True
+        if rt.settings.prefetch and rt.broker_push:
+            # A call sent ahead that ends without its grant is remembered this long, so that
+            # its copy outside Redis is refused.
+            record["prefetch"] = rt.settings.prefetch
+            record["dedupe_ms"] = int(rt.settings.dedupe_window_s * 1000)
         spec = call_spec(
             gates, rt.settings, args, kwargs, options.get("priority"), redeliver, **overflow
         )

@@ -14,8 +14,10 @@ from typing import Any
 import redis
 from celery import signals
 from celery.utils.log import get_logger
+from celery.worker import state as worker_state
 
 from .errors import RedisUnavailable
+from .group import Started
 from .guard import group_of_request, header_of
 from .inputs import encode_error, encode_result, error_text
 from .publish import HEADER
@@ -48,15 +50,19 @@ def on_prerun(sender: Any = None, task_id: str | None = None, task: Any = None, 
     # (acks_late), or Celery's own retry of a lost child.
     redeliver = bool(getattr(task, "acks_late", False) or getattr(task, "retry_on_worker_lost", 0))
     try:
-        verdict, fence, backend, wanted, follow = rt.group(name).start(
+        group = rt.group(name)
+        verdict, fence, backend, wanted, follow = group.start(
             task_id, _runner(), redeliver=redeliver
         )
+        if verdict is Started.AHEAD:
+            verdict, fence, backend, wanted, follow = _hold(rt, group, request, redeliver)
     except RedisUnavailable as exc:
         # Refused, or a connect timeout: nothing was sent. A read timeout: the start may still
         # run later in Redis (see Group._run).
         cause = exc.cause
         timed_out = isinstance(cause, redis.TimeoutError) and "connecting" not in str(cause)
-        request.semaphore_unrecorded = "unknown" if timed_out else "refused"
+        if getattr(request, "semaphore_unrecorded", None) != "refused":  # set by _hold
+            request.semaphore_unrecorded = "unknown" if timed_out else "refused"
         raise
     request.semaphore_verdict = verdict
     request.semaphore_fence = fence if verdict.runs else None
@@ -65,6 +71,36 @@ def on_prerun(sender: Any = None, task_id: str | None = None, task: Any = None, 
         rt.dispatch(name, follow)
     if verdict.runs and backend and rt.scheduler is not None:
         rt.scheduler.notify_keepalive(name, {task_id: backend})
+
+
+def _hold(rt: Any, group: Any, request: Any, redeliver: bool) -> Any:
+    """Hold a call sent ahead of its grant (``semaphore_prefetch``) until a release grants it.
+
+    The release puts a token on the call's wake list; the hold also looks again every so
+    often (the call may have been cancelled or replaced meanwhile) and lets the call go when
+    the worker stops, so that a warm shutdown is not held up by calls that wait. Redis
+    unreachable while holding: the run is skipped, as its message is still in Redis.
+    """
+    # Shorter than the socket timeout, which would otherwise cut the wait as a stalled server.
+    wait_s = max(0.05, min(1.0, rt.settings.redis_timeout_s / 2))
+    key = f"{group.tag}:wake:{request.id}"
+    stopping = False
+    while True:
+        try:
+            # A token "0" comes from the worker's main process at its shutdown (see
+            # worker.let_go_of_held_calls); a thread of the threads pool sees the flag too.
+            stopping = stopping or bool(worker_state.should_stop or worker_state.should_terminate)
+            if not stopping:
+                token = rt.client.blpop([key], timeout=wait_s)
+                stopping = token is not None and token[1] in (b"0", "0")
+            outcome = group.start(request.id, _runner(), redeliver=redeliver, unhold=stopping)
+        except (redis.RedisError, RedisUnavailable) as exc:
+            request.semaphore_unrecorded = "refused"
+            if isinstance(exc, RedisUnavailable):
+                raise
+            raise RedisUnavailable(group.url, exc) from exc
+        if outcome[0] is not Started.AHEAD:
+            return outcome
 
 
 def on_postrun(

@@ -18,7 +18,7 @@ from celery.worker import state
 
 from .guard import guard
 from .publish import GATES_HEADER, HEADER
-from .runtime import runtime_for
+from .runtime import runtime_for, runtimes
 
 __all__ = ["Keepalive", "gated_requests", "guard_all_tasks", "process_alive"]
 
@@ -73,10 +73,45 @@ def guard_all_tasks(sender: Any = None, **_: Any) -> None:
             task.run = guard(run)
 
 
+def let_go_of_held_calls(sender: Any = None, **_: Any) -> None:
+    """``worker_shutting_down``: tell the pool to let go of calls it holds ahead of their grant.
+
+    A prefork child holding a call (``semaphore_prefetch``) does not see the shutdown: a token
+    ``"0"`` on each wake list of the worker's gated requests ends the hold, so a warm shutdown
+    waits for the calls that run, not for the turn of those that wait. Sent from a thread: the
+    signal arrives in a signal handler, where the connection pool's lock may be taken.
+    """
+    requests = gated_requests()
+    if not requests:
+        return
+
+    def push() -> None:
+        for rt in runtimes():
+            try:
+                pipe = rt.client.pipeline(transaction=False)
+                for group, calls in requests.items():
+                    for task_id in calls:
+                        key = f"{rt.group(group).tag}:wake:{task_id}"
+                        pipe.lpush(key, "0")
+                        pipe.pexpire(key, WAKE_TOKEN_TTL_MS)
+                pipe.execute()
+            except Exception:  # the holds end at their next look, or with the process
+                logger.exception("celery_semaphore: could not tell held calls to let go")
+
+    threading.Thread(target=push, name="celery_semaphore let go", daemon=True).start()
+
+
+#: How long a "let go" token waits for a holder to read it.
+WAKE_TOKEN_TTL_MS = 30_000
+
+
 def connect_worker_init() -> None:
-    """Connect :func:`guard_all_tasks` once per process."""
+    """Connect :func:`guard_all_tasks` and :func:`let_go_of_held_calls` once per process."""
     signals.worker_init.connect(
         guard_all_tasks, weak=False, dispatch_uid="celery_semaphore.guard_all_tasks"
+    )
+    signals.worker_shutting_down.connect(
+        let_go_of_held_calls, weak=False, dispatch_uid="celery_semaphore.let_go_of_held_calls"
     )
 
 

@@ -7,7 +7,9 @@ they use that server instead, and isolate themselves by key prefix and queue nam
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -166,3 +168,52 @@ def acquire(
         task_id, spec.to_json(gates), limits, message, lease_ms=spec.lease_ms,
         delay_ms=call.get("delay_ms", 0), flags=call.get("flags", ""), now_ms=now_ms,
     )  # fmt: skip
+
+
+def push_app(urls: dict[str, str], prefix: str, broker: str, **conf: Any) -> Celery:
+    """An app of tests/proj.py for broker push: ``broker`` "slots" is the gates' database,
+    "own" a database of its own."""
+    base = urls["slots"].rsplit("/", 1)[0]
+    return proj.create_app(
+        f"push-{prefix}",
+        broker=urls["slots"] if broker == "slots" else f"{base}/1",
+        backend=urls["backend"],
+        slots_url=urls["slots"],
+        probe_url=urls["probe"],
+        prefix=prefix,
+        queue=prefix,
+        limit=conf.pop("limit", 1),
+        **conf,
+    )
+
+
+@pytest.fixture
+def lpushes(slots: redis.Redis, prefix: str) -> Iterator[list[tuple[str, str]]]:
+    """(client, key) of every LPUSH of a gated call into this test's queues, as MONITOR sees
+    them (the test worker's own ping is not one)."""
+    seen: list[tuple[str, str]] = []
+    ready = threading.Event()
+    monitor = slots.monitor()
+
+    def watch() -> None:
+        with monitor as m:
+            ready.set()
+            try:
+                for entry in m.listen():
+                    words = entry["command"].split(" ")
+                    gated = "proj.work" in entry["command"]
+                    if words[0] == "LPUSH" and words[1].startswith(prefix) and gated:
+                        seen.append((entry.get("client_type", ""), words[1]))
+            except (redis.ConnectionError, ValueError, AttributeError):
+                return  # the connection closed at the end of the test
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    assert ready.wait(5)
+    yield seen
+    monitor.connection.disconnect()
+
+
+def queued_messages(client: redis.Redis, queue: str) -> list[dict[str, Any]]:
+    """The messages waiting in a kombu queue list, newest first."""
+    return [json.loads(raw) for raw in client.lrange(queue, 0, -1)]

@@ -354,6 +354,7 @@ def app_from_env(env: os._Environ[str] | dict[str, str]) -> Celery:
         "semaphore_limit_source": env.get("CS_LIMIT_SOURCE", "redis"),
         "semaphore_redis_timeout": float(env.get("CS_REDIS_TIMEOUT", "2.0")),
         "semaphore_broker_push": env.get("CS_BROKER_PUSH", "1") == "1",
+        "semaphore_prefetch": int(env.get("CS_PREFETCH", "0")),
     }
     if env.get("CS_VISIBILITY"):
         # Kombu's sweep of unacked messages: every second instead of every 100 s.

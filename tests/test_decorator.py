@@ -155,6 +155,8 @@ def test_install_is_idempotent() -> None:
         ("semaphore_key_limits", {"api": {"acme": 0}}, "key limit"),
         ("semaphore_max_dispatches", 0, "semaphore_max_dispatches"),
         ("semaphore_tick_interval", "fast", "semaphore_tick_interval"),
+        ("semaphore_prefetch", -1, "semaphore_prefetch"),
+        ("semaphore_prefetch", True, "semaphore_prefetch"),
         ("semaphore_limits", [("a", 1)], "semaphore_limits"),
         ("semaphore_key_prefix", "{x}", "semaphore_key_prefix"),
         ("semaphore_redis_url", "localhost", "semaphore_redis_url"),

@@ -611,6 +611,55 @@ def test_a_worker_killed_right_after_its_release_script_with_broker_push_hands_o
     assert_at_rest(cluster, slots, prefix, timeout=5)
 
 
+def holding(client: redis.Redis) -> bool:
+    """Whether a worker waits on a call's wake list (it holds a call ahead of its grant)."""
+    return any(c.get("cmd") == "blpop" for c in client.client_list())
+
+
+@needs_push
+def test_a_worker_killed_while_it_holds_a_call_ahead_of_its_grant_loses_nothing(
+    cluster: Cluster, slots: redis.Redis, prefix: str
+) -> None:
+    # Prefetch: b goes to the broker ahead of its grant and a worker holds it (its message
+    # acknowledged). That worker dies; b never ran, so it must still run, once.
+    cluster.configure(CS_PREFETCH="1")
+    a = call(cluster, "hang", flag())
+    b = call(cluster, "sleep", 20)
+    assert cluster.gate.parked() == 1 and queued(cluster) == 2  # a, and b sent ahead
+    w1 = cluster.worker("w1", 2)
+    cluster.wait_started(a.id)
+    wait_for(lambda: queued(cluster) == 0 and holding(slots), 10, "w1 to hold b")
+    cluster.kill_worker(w1)  # a dies running (at most once), b dies held
+    cluster.worker("w2", 2)
+    cluster.beat()
+    assert ended(b, 2 * reclaim_window(cluster) + 10, "b to run after all").get() == 20
+    assert cluster.count("start", b.id) == 1
+    assert not any(r.task_id == b.id and r.killed for r in cluster.runs())
+    assert_at_rest(cluster, slots, prefix, timeout=5)
+
+
+@needs_push
+def test_a_warm_shutdown_is_not_held_up_by_a_call_held_ahead_of_its_grant(
+    cluster: Cluster, slots: redis.Redis, prefix: str
+) -> None:
+    # a holds the unit in a queue w1 does not consume, so b's turn does not come while w1
+    # holds b: a warm shutdown must let b go instead of waiting for its turn.
+    cluster.configure(CS_PREFETCH="1")
+    elsewhere = f"{cluster.env['CS_QUEUE']}.elsewhere"
+    a = call(cluster, "sleep", 20, queue=elsewhere)
+    b = call(cluster, "sleep", 20)
+    w1 = cluster.worker("w1", 2)
+    wait_for(lambda: queued(cluster) == 0 and holding(slots), 10, "w1 to hold b")
+    os.kill(w1.pid, signal.SIGTERM)
+    assert w1.proc.wait(10) == 0
+    assert cluster.count("start", b.id) == 0 and b.state == "PARKED"
+    cluster.worker("w2", 2, queues=f"{cluster.env['CS_QUEUE']},{elsewhere}")
+    assert ended(b, 20, "b to run once a released the unit").get() == 20
+    assert a.get(timeout=5) == 20
+    assert [r.task_id for r in cluster.runs()] == [a.id, b.id]
+    assert_at_rest(cluster, slots, prefix, timeout=5)
+
+
 def test_a_worker_killed_between_handing_a_slot_on_and_publishing_republishes_the_call(
     cluster: Cluster, slots: redis.Redis, prefix: str
 ) -> None:

@@ -6,75 +6,21 @@ scripts pushed, and MONITOR to see which client wrote each message into the queu
 
 from __future__ import annotations
 
-import json
-import threading
-from collections.abc import Iterator
-from typing import Any
-
 import pytest
 import redis
-from celery import Celery
 from kombu import Queue
 from kombu.serialization import loads
 
 from celery_semaphore import Workflow, runtime_for
 from celery_semaphore.message import Envelope
 
-from . import proj
-from .conftest import threads_worker, wait_for
-
-
-def _app(urls: dict[str, str], prefix: str, broker: str, **conf: Any) -> Celery:
-    # "slots": the broker is the gates' database; "own": a database of its own.
-    base = urls["slots"].rsplit("/", 1)[0]
-    return proj.create_app(
-        f"push-{prefix}",
-        broker=urls["slots"] if broker == "slots" else f"{base}/1",
-        backend=urls["backend"],
-        slots_url=urls["slots"],
-        probe_url=urls["probe"],
-        prefix=prefix,
-        queue=prefix,
-        limit=conf.pop("limit", 1),
-        **conf,
-    )
-
-
-@pytest.fixture
-def lpushes(slots: redis.Redis, prefix: str) -> Iterator[list[tuple[str, str]]]:
-    """(client, key) of every LPUSH of a gated call into this test's queues, as MONITOR sees
-    them (the test worker's own ping is not one)."""
-    seen: list[tuple[str, str]] = []
-    ready = threading.Event()
-    monitor = slots.monitor()
-
-    def watch() -> None:
-        with monitor as m:
-            ready.set()
-            try:
-                for entry in m.listen():
-                    words = entry["command"].split(" ")
-                    gated = "proj.work" in entry["command"]
-                    if words[0] == "LPUSH" and words[1].startswith(prefix) and gated:
-                        seen.append((entry.get("client_type", ""), words[1]))
-            except (redis.ConnectionError, ValueError, AttributeError):
-                return  # the connection closed at the end of the test
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    assert ready.wait(5)
-    yield seen
-    monitor.connection.disconnect()
-
-
-def _queued(client: redis.Redis, queue: str) -> list[dict[str, Any]]:
-    return [json.loads(raw) for raw in client.lrange(queue, 0, -1)]
+from .conftest import push_app, queued_messages, threads_worker, wait_for
 
 
 def test_a_grant_queues_the_message_in_its_own_script_and_a_real_worker_runs_it(
     urls: dict[str, str], prefix: str, slots: redis.Redis, lpushes: list[tuple[str, str]]
 ) -> None:
-    app = _app(urls, prefix, "slots", limit=1)
+    app = push_app(urls, prefix, "slots", limit=1)
     rt = runtime_for(app)
     assert rt is not None and rt.broker_push
     work = app.tasks["proj.work"]
@@ -83,7 +29,7 @@ def test_a_grant_queues_the_message_in_its_own_script_and_a_real_worker_runs_it(
     rest = [work.apply_async((10,), priority=p) for p in (0, 5, 9)]
     gate = rt.group("work")
     assert (gate.held(), gate.parked()) == (1, 3)
-    queued = _queued(slots, prefix)
+    queued = queued_messages(slots, prefix)
     assert [m["headers"]["id"] for m in queued] == [first.id]
     # Pushed at its submit: not a hand-off.
     assert queued[0]["headers"]["semaphore_handoff"] == "0"
@@ -102,7 +48,7 @@ def test_a_grant_queues_the_message_in_its_own_script_and_a_real_worker_runs_it(
 def test_a_workflow_node_pushed_at_a_hand_off_receives_its_requirements_result(
     urls: dict[str, str], prefix: str, lpushes: list[tuple[str, str]]
 ) -> None:
-    app = _app(urls, prefix, "slots", limit=1)
+    app = push_app(urls, prefix, "slots", limit=1)
     work = app.tasks["proj.work"]
     wf = Workflow(app)
     a = wf.add(work.s(7))
@@ -118,8 +64,8 @@ def test_a_workflow_node_pushed_at_a_hand_off_receives_its_requirements_result(
 def test_with_the_broker_elsewhere_or_the_setting_off_the_caller_publishes(
     urls: dict[str, str], prefix: str, lpushes: list[tuple[str, str]]
 ) -> None:
-    split = _app(urls, prefix, "own")
-    off = _app(urls, prefix, "slots", semaphore_broker_push=False)
+    split = push_app(urls, prefix, "own")
+    off = push_app(urls, prefix, "slots", semaphore_broker_push=False)
     for app in (split, off):
         rt = runtime_for(app)
         assert rt is not None and not rt.broker_push
@@ -133,7 +79,7 @@ def test_with_the_broker_elsewhere_or_the_setting_off_the_caller_publishes(
 def test_a_stored_pushed_message_reads_back_as_the_call_it_carries(
     urls: dict[str, str], prefix: str, slots: redis.Redis
 ) -> None:
-    app = _app(urls, prefix, "slots", limit=1)
+    app = push_app(urls, prefix, "slots", limit=1)
     work = app.tasks["proj.work"]
     work.delay(1)
     parked = work.apply_async((3,), countdown=30, headers={"extra": "kept"})
@@ -158,7 +104,7 @@ def test_a_global_keyprefix_and_an_expiring_queue_are_kombu_s_own_either_way(
     urls: dict[str, str], prefix: str, slots: redis.Redis, lpushes: list[tuple[str, str]]
 ) -> None:
     # kombu's global_keyprefix: the script pushes to the prefixed list a worker reads.
-    app = _app(
+    app = push_app(
         urls,
         prefix,
         "slots",
@@ -175,7 +121,7 @@ def test_a_global_keyprefix_and_an_expiring_queue_are_kombu_s_own_either_way(
     lpushes.clear()
 
     # A queue with x-expires needs kombu's PEXPIREs beside the LPUSH: published as usual.
-    expiring = _app(urls, prefix, "slots", limit=1)
+    expiring = push_app(urls, prefix, "slots", limit=1)
     expiring.conf.task_queues = [Queue(prefix, queue_arguments={"x-expires": 600_000})]
     done = expiring.tasks["proj.work"].delay(3)
     with threads_worker(expiring, concurrency=2):

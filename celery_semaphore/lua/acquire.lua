@@ -32,6 +32,12 @@ local out = {}
 
 local names = promote()
 for i, name in ipairs(call.gates) do seed(name, limits[i]) end
+local prefetch = tonumber(call.prefetch) or 0
+if prefetch ~= gate(call.gates[1]).prefetch then
+  gate(call.gates[1]).prefetch = prefetch
+  redis.call('HSET', K_STATE, call.gates[1] .. ':prefetch', prefetch)
+end
+call.prefetch = nil
 local extra = {}
 local function reply(code, n)
   pump(names, out)
@@ -174,4 +180,5 @@ end
 redis.call('HSET', K_MESSAGES, id, message)
 rec.stored = true
 park_at(id, rec, verdict, g, key)
+send_ahead(gate(rec.gates[1]))
 return reply(0, redis.call('ZCARD', K_QUEUE))

@@ -219,6 +219,21 @@ local function handed(id, fence, message, inputs)
   return {id, fence, message, inputs}
 end
 
+-- Prefetch (semaphore_prefetch): the first calls of a full gate's best lane go to the
+-- broker ahead of their grant, so that a worker holds each (its start answers 9, see
+-- start.lua) and runs it the moment a release grants it: no broker hop at the hand-off. A
+-- grant of such a call pushes a token to its wake list, which the holding worker waits on.
+local WAKE_TTL_MS = 600000
+local function wake_key(id)
+  return GROUP .. ':wake:' .. id
+end
+
+local function wake_ahead(id)
+  local key = wake_key(id)
+  redis.call('LPUSH', key, '1')
+  redis.call('PEXPIRE', key, WAKE_TTL_MS)
+end
+
 local function concat(a, b)
   for _, v in ipairs(b) do a[#a + 1] = v end
   return a
@@ -298,9 +313,9 @@ local function gate(name)
   local g = GATES[name]
   if g then return g end
   local v = redis.call('HMGET', K_STATE, name .. ':limit', name .. ':used', name .. ':index',
-    name .. ':paused', name .. ':peak')
+    name .. ':paused', name .. ':peak', name .. ':prefetch')
   g = {name = name, limit = tonumber(v[1]), used = tonumber(v[2]) or 0, index = tonumber(v[3]),
-    paused = v[4] == '1', peak = tonumber(v[5]) or 0}
+    paused = v[4] == '1', peak = tonumber(v[5]) or 0, prefetch = tonumber(v[6]) or 0}
   GATES[name] = g
   return g
 end
@@ -608,7 +623,14 @@ local function serve(g, lane, out)
   end
   unqueue(id, rec, m)
   rec.lane, rec.seq, rec.ready_ms = nil, nil, 0
-  out[#out + 1] = handed(id, grant(id, rec, 'granted'), message, inputs_of(rec))
+  if rec.ahead then
+    -- Its message went to the broker ahead of this grant: a worker may hold it, waiting.
+    local fence = grant(id, rec, 'granted')
+    wake_ahead(id)
+    out[#out + 1] = {id, fence, '', '', 1}
+  else
+    out[#out + 1] = handed(id, grant(id, rec, 'granted'), message, inputs_of(rec))
+  end
   count(rec.gates, 'dispatched')
   if lane_head(lane) then
     -- Round robin: a served lane goes behind the other lanes of its priority.
@@ -619,6 +641,26 @@ local function serve(g, lane, out)
     redis.call('HDEL', K_LANES, lane)
   end
   return true
+end
+
+local function send_ahead(g)
+  local n = g.prefetch
+  if n <= 0 or PARKED == 0 or not g.index then return end
+  local lo = g.index * BAND
+  local lane = redis.call('ZRANGEBYSCORE', K_BANDS, lo, '(' .. (lo + BAND), 'LIMIT', 0, 1)[1]
+  if not lane then return end
+  local members = redis.call('ZRANGEBYLEX', K_QUEUE, '[' .. lane .. SEP,
+    '[' .. lane .. SEP .. '\255', 'LIMIT', 0, n)
+  for _, m in ipairs(members) do
+    local id = string.sub(m, #lane + 19)
+    local rec = load(id)
+    if rec and rec.state == 'parked' and not rec.ahead then
+      local message = redis.call('HGET', K_MESSAGES, id)
+      if not message or not pushed(message, true, inputs_of(rec)) then return end
+      rec.ahead = true
+      save(id, rec)
+    end
+  end
 end
 
 -- Hand room of the given gates to the lanes waiting for it, best first.
@@ -787,6 +829,9 @@ local function finish(id, rec, final, event, info)
   if rec then
     note(id, rec, final, event)
     if final ~= 'SUCCEEDED' and final ~= 'FAILED' then count(rec.gates, string.lower(final)) end
+    -- Sent ahead of a grant it never got (purged, expired, replaced): its copy in the broker
+    -- or in a worker's hands must be refused, not sent through the gate again.
+    if rec.ahead then tombstone(id, tonumber(rec.dedupe_ms) or 3600000) end
   end
   local raw = redis.call('HGET', K_DEPENDENTS, id)
   if raw then

@@ -19,6 +19,8 @@ for i = 6, #ARGV, 2 do
       kept[#kept + 1] = id
       kept[#kept + 1] = rec.backend
     end
+  elseif rec and rec.state == 'parked' and rec.ahead then
+    -- Held by its worker ahead of its grant (prefetch): it holds nothing yet to renew.
   elseif rec == nil and reregister then
     local gates = split(ARGV[i + 1], ',')
     local weights, keys, key_limits = {}, {}, {}

@@ -80,6 +80,8 @@ for _, id in ipairs(expired) do
         note(id, rec, 'WAITING', 'lease-expired')
         rec.state = 'waiting'
         rec.slot = nil
+        -- A call held ahead of its grant whose holder never started it: sent anew next time.
+        rec.ahead = nil
         rec.ready_ms = NOW + tonumber(ARGV[8]) * rec.dispatches
         save(id, rec)
         redis.call('ZADD', K_DELAYED, rec.ready_ms, id)

@@ -3,13 +3,17 @@
 -- ARGV[5] call id
 -- ARGV[6] runner     who runs it (host and pid), to tell a second live execution apart
 -- ARGV[7] redeliver  '1' when the broker redelivers the call if its worker dies (acks_late)
+-- ARGV[8] unhold     '1': a worker that holds the call ahead of its grant lets it go (it
+--                    stops): the call is sent anew when its turn comes
 -- Returns {epoch, code, fence, backend, dependents (1: calls wait for its end, so its result
 -- is wanted), follow-up rows...}; code:
 --   1 run it;
 --   4 the call runs elsewhere right now: a duplicate delivery, do not run;
 --   5 the call waits for room again (its grant expired): skip, it will be sent again;
 --   7 the call holds nothing here: send it through the gate again;
---   8 the call already ended, or was cancelled: a late copy, do not run.
+--   8 the call already ended, or was cancelled: a late copy, do not run;
+--   9 the call was sent ahead of its grant (prefetch) and still waits: hold it, and start
+--     again once its wake list gets a token (or after a while, to look again).
 local id = ARGV[5]
 local function reply(code, fence, backend)
   local r = {EPOCH, code, fence, backend, redis.call('HEXISTS', K_DEPENDENTS, id)}
@@ -32,10 +36,18 @@ if rec then
   if rec.state == 'needs' then return reply(5, 0, backend) end
   if rec.state == 'parked' or rec.state == 'waiting' then
     -- A late copy of a call whose grant expired: it may run now only if it fits.
+    if ARGV[8] == '1' then
+      if rec.ahead then
+        rec.ahead = nil
+        save(id, rec)
+      end
+      return reply(5, 0, backend)
+    end
     local verdict = fits(rec, rec.lane, nil)
+    if verdict ~= 'ok' and rec.ahead then return reply(9, 0, backend) end
     if verdict ~= 'ok' then return reply(5, 0, backend) end
     forget(id, rec)
-    rec.lane, rec.seq, rec.ready_ms = nil, nil, 0
+    rec.lane, rec.seq, rec.ready_ms, rec.ahead = nil, nil, 0, nil
     rec.runner, rec.redeliver = ARGV[6], ARGV[7] == '1'
     rec.seen_twice, rec.stored = true, nil
     return reply(1, grant(id, rec, 'running'), backend)
@@ -43,6 +55,7 @@ if rec then
   note(id, rec, 'RUNNING', 'start')
   rec.state = 'running'
   rec.ready_ms = 0
+  rec.ahead = nil -- a retry of it waits again as an ordinary call
   rec.runner = ARGV[6]
   rec.redeliver = ARGV[7] == '1'
   -- A message kept in Redis is not needed once the run is recorded (it cannot be sent again).
@@ -50,6 +63,9 @@ if rec then
   rec.stored = nil
   save(id, rec)
   redis.call('ZADD', K_HOLDERS, NOW + rec.lease_ms, id)
+  -- The next call to hold ahead of its grant goes out now that this one runs, not at the
+  -- release that granted it: its delivery then does not compete with this start.
+  send_ahead(gate(rec.gates[1]))
   return reply(1, rec.fence, backend)
 end
 if redis.call('ZSCORE', K_ENDED, id) then return reply(8, 0, '') end
