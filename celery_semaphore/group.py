@@ -9,7 +9,7 @@ a :class:`Group` knows call ids, gates, leases and opaque messages, so the Celer
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import redis
@@ -264,7 +264,7 @@ class Group(GroupViews):
         runner: str,
         *,
         redeliver: bool = False,
-        unhold: bool = False,
+        mode: str = "",
         now_ms: int | None = None,
     ) -> tuple[Started, int, str, bool, list[Reply]]:
         """Mark ``task_id`` running under ``runner``.
@@ -272,15 +272,43 @@ class Group(GroupViews):
         ``redeliver`` says the broker brings the call back if its worker dies (``acks_late``),
         so an expired lease of it is not a dropped call. Returns the verdict, the fence, the
         name of the backend that started the call (``""`` for a gated call), whether calls
-        wait for its end (then its result is wanted), and follow-ups (traces). ``unhold``
-        lets go of a call held ahead of its grant (``semaphore_prefetch``): it answers
-        ``REPARKED`` for a call that still waits.
+        wait for its end (then its result is wanted), and follow-ups (traces). ``mode`` is
+        for calls held ahead of their grant (``semaphore_prefetch``): ``"u"`` lets one go (it
+        answers ``REPARKED`` for a call that still waits), ``"c"`` is the start of a holder,
+        which also takes a run a release granted it (see :meth:`confirm`).
         """
-        args = [task_id, runner, int(redeliver), int(unhold)]
-        reply = self._run(self.scripts.start, now_ms, args)
+        reply = self._run(self.scripts.start, now_ms, [task_id, runner, int(redeliver), mode])
         verdict = Started(code_of("start", reply, (1, 4, 5, 7, 8, 9)))
         follow, _ = self._split(reply[5:])
         return verdict, int(reply[2]), as_text(reply[3]), bool(int(reply[4])), follow
+
+    def confirm(self, task_id: str, runner: str, *, redeliver: bool = False) -> Callable[[], int]:
+        """Confirm, without waiting for the answer, the run a release granted a holder.
+
+        Returns a function that reads the answer (the start's code; call it before the
+        call's release). Where the answer cannot be left pending (a Redis Cluster client,
+        ``wait_replicas``), the confirmation runs at once.
+        """
+        call = self._script_call(self.scripts.start)
+        args = [task_id, runner, int(redeliver), "c"]
+        if self.wait_replicas or call.pool is None:
+            code = int(self.start(task_id, runner, redeliver=redeliver, mode="c")[0])
+            return lambda: code
+        head = ["", self.epoch, self.recover_ms, self.history_ms]
+        try:
+            conn = call.send([*head, *args])
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise RedisUnavailable(self.url, exc) from exc
+
+        def answer() -> int:
+            try:
+                reply = call.receive(conn)
+            except redis.exceptions.NoScriptError:  # a restarted server: it did not run
+                reply = self._run(self.scripts.start, None, args)
+            self.epoch = as_text(reply[0])
+            return code_of("start", reply, (1, 4, 5, 7, 8, 9))
+
+        return answer
 
     def release(
         self,

@@ -76,10 +76,12 @@ def on_prerun(sender: Any = None, task_id: str | None = None, task: Any = None, 
 def _hold(rt: Any, group: Any, request: Any, redeliver: bool) -> Any:
     """Hold a call sent ahead of its grant (``semaphore_prefetch``) until a release grants it.
 
-    The release puts a token on the call's wake list; the hold also looks again every so
-    often (the call may have been cancelled or replaced meanwhile) and lets the call go when
-    the worker stops, so that a warm shutdown is not held up by calls that wait. Redis
-    unreachable while holding: the run is skipped, as its message is still in Redis.
+    The release that grants it marks it running here and puts a token on its wake list: its
+    fence and whether its result is wanted. The run begins at once; its confirmation goes to
+    Redis without waiting for the answer, which ``task_postrun`` reads. The hold also looks
+    again every so often (the call may have been cancelled or replaced meanwhile) and lets
+    the call go when the worker stops, so that a warm shutdown is not held up by calls that
+    wait. Redis unreachable while holding: the run is skipped, its message being in Redis.
     """
     # Shorter than the socket timeout, which would otherwise cut the wait as a stalled server.
     wait_s = max(0.05, min(1.0, rt.settings.redis_timeout_s / 2))
@@ -92,8 +94,17 @@ def _hold(rt: Any, group: Any, request: Any, redeliver: bool) -> Any:
             stopping = stopping or bool(worker_state.should_stop or worker_state.should_terminate)
             if not stopping:
                 token = rt.client.blpop([key], timeout=wait_s)
-                stopping = token is not None and token[1] in (b"0", "0")
-            outcome = group.start(request.id, _runner(), redeliver=redeliver, unhold=stopping)
+                value = token[1] if token is not None else b""
+                value = value.decode() if isinstance(value, bytes) else str(value)
+                if "," in value:
+                    fence, wanted = value.split(",", 1)
+                    request.semaphore_confirm = group.confirm(
+                        request.id, _runner(), redeliver=redeliver
+                    )
+                    return Started.RUN, int(fence), "", wanted == "1", []
+                stopping = value == "0"
+            mode = "u" if stopping else "c"
+            outcome = group.start(request.id, _runner(), redeliver=redeliver, mode=mode)
         except (redis.RedisError, RedisUnavailable) as exc:
             request.semaphore_unrecorded = "refused"
             if isinstance(exc, RedisUnavailable):
@@ -101,6 +112,21 @@ def _hold(rt: Any, group: Any, request: Any, redeliver: bool) -> Any:
             raise RedisUnavailable(group.url, exc) from exc
         if outcome[0] is not Started.AHEAD:
             return outcome
+
+
+def _confirmed(request: Any) -> None:
+    """Read the answer of a held call's confirmation (see ``_hold``), before its release."""
+    answer = getattr(request, "semaphore_confirm", None)
+    if answer is None:
+        return
+    request.semaphore_confirm = None
+    try:
+        code = answer()
+    except Exception as exc:  # the release still runs; lease expiry covers the rest
+        logger.warning("gate: the run of held call %s could not be confirmed: %r", request.id, exc)
+        return
+    if code != Started.RUN:
+        logger.warning("gate: held call %s: its run was not confirmed (code %s)", request.id, code)
 
 
 def on_postrun(
@@ -117,6 +143,7 @@ def on_postrun(
     rt = runtime_for(getattr(task, "app", None))
     if name is None or rt is None or task_id is None:
         return
+    _confirmed(request)
     if state == "RETRY" or getattr(request, "semaphore_resent", None) == name:
         # A retry or a replacement was sent under the same id by this run: it keeps the hold.
         return

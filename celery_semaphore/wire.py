@@ -48,15 +48,52 @@ class ScriptCall:
         self._head = b"".join(_bulk(x) for x in head)
         self._count = len(head)
 
+    def _pack(self, args: Sequence[Any]) -> bytes:
+        encoded = [_encode(a) for a in args]
+        return b"".join(
+            [b"*%d\r\n" % (self._count + len(encoded)), self._head] + [_bulk(a) for a in encoded]
+        )
+
+    def send(self, args: Sequence[Any]) -> Any:
+        """Send the script without waiting for its answer; returns the connection to read it
+        from with :meth:`receive` (which gives the connection back). Single-server clients
+        only (``self.pool`` is set)."""
+        return self._put(self._pack(args))
+
+    def _put(self, data: bytes) -> Any:
+        pool = self.pool
+        assert pool is not None
+        # The pool's checkout is the health check: it reconnects a connection whose server
+        # went away (restarted, failed over) before anything is sent on it.
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command([data], check_health=False)
+        except BaseException:
+            conn.disconnect()
+            pool.release(conn)
+            raise
+        return conn
+
+    def receive(self, conn: Any) -> Any:
+        """The answer of a script :meth:`send` sent on ``conn``; raises what redis-py raises
+        (NoScriptError included: then the script did not run)."""
+        pool = self.pool
+        assert pool is not None
+        try:
+            return conn.read_response()
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            # The reply may still be on its way: this connection must not serve another call.
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
+
     def __call__(self, args: Sequence[Any]) -> Any:
         """Run the script with ``args``; raises what redis-py raises (ConnectionError,
         TimeoutError, ResponseError), loading the script once when Redis answers NOSCRIPT."""
         if self.pool is None:
             return self.script(keys=self._keys, args=args)
-        encoded = [_encode(a) for a in args]
-        data = b"".join(
-            [b"*%d\r\n" % (self._count + len(encoded)), self._head] + [_bulk(a) for a in encoded]
-        )
+        data = self._pack(args)
         try:
             return self._send(data)
         except redis.exceptions.NoScriptError:
@@ -65,15 +102,4 @@ class ScriptCall:
             return self._send(data)
 
     def _send(self, data: bytes) -> Any:
-        pool = self.pool
-        assert pool is not None
-        conn = pool.get_connection()
-        try:
-            conn.send_packed_command([data], check_health=False)
-            return conn.read_response()
-        except (redis.ConnectionError, redis.TimeoutError, OSError):
-            # The reply may still be on its way: this connection must not serve another call.
-            conn.disconnect()
-            raise
-        finally:
-            pool.release(conn)
+        return self.receive(self._put(data))

@@ -228,9 +228,9 @@ local function wake_key(id)
   return GROUP .. ':wake:' .. id
 end
 
-local function wake_ahead(id)
+local function wake_ahead(id, token)
   local key = wake_key(id)
-  redis.call('LPUSH', key, '1')
+  redis.call('LPUSH', key, token)
   redis.call('PEXPIRE', key, WAKE_TTL_MS)
 end
 
@@ -623,10 +623,18 @@ local function serve(g, lane, out)
   end
   unqueue(id, rec, m)
   rec.lane, rec.seq, rec.ready_ms = nil, nil, 0
-  if rec.ahead then
-    -- Its message went to the broker ahead of this grant: a worker may hold it, waiting.
+  if rec.ahead and rec.holder then
+    -- A worker holds it (see start.lua): it runs there from now on, woken by a token with
+    -- its fence and whether its result is wanted, without a start of its own. Until the
+    -- holder confirms, its message stays here: a holder that died never ran it (reclaim).
+    rec.runner, rec.unconfirmed = rec.holder, true
+    local fence = grant(id, rec, 'running')
+    wake_ahead(id, fence .. ',' .. redis.call('HEXISTS', K_DEPENDENTS, id))
+    out[#out + 1] = {id, fence, '', '', 1}
+  elseif rec.ahead then
+    -- Its message went to the broker ahead of this grant; no worker holds it yet.
     local fence = grant(id, rec, 'granted')
-    wake_ahead(id)
+    wake_ahead(id, '1')
     out[#out + 1] = {id, fence, '', '', 1}
   else
     out[#out + 1] = handed(id, grant(id, rec, 'granted'), message, inputs_of(rec))

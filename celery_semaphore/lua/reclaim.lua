@@ -63,7 +63,7 @@ for _, id in ipairs(expired) do
       -- sends it again; a waiter that is merely slow finds its record gone and queues anew.
       row[2] = 'lock-expired'
       forget(id, rec)
-    elseif rec.state == 'granted' and message then
+    elseif (rec.state == 'granted' or rec.unconfirmed) and message then
       -- Handed room but never started: its publisher died, no worker consumes its queue, or
       -- its start could not be recorded (and so it did not run). Send it again later, a
       -- bounded number of times, letting the calls behind it go first meanwhile.
@@ -81,7 +81,7 @@ for _, id in ipairs(expired) do
         rec.state = 'waiting'
         rec.slot = nil
         -- A call held ahead of its grant whose holder never started it: sent anew next time.
-        rec.ahead = nil
+        rec.ahead, rec.holder, rec.unconfirmed, rec.runner = nil, nil, nil, nil
         rec.ready_ms = NOW + tonumber(ARGV[8]) * rec.dispatches
         save(id, rec)
         redis.call('ZADD', K_DELAYED, rec.ready_ms, id)

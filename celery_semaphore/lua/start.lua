@@ -3,8 +3,9 @@
 -- ARGV[5] call id
 -- ARGV[6] runner     who runs it (host and pid), to tell a second live execution apart
 -- ARGV[7] redeliver  '1' when the broker redelivers the call if its worker dies (acks_late)
--- ARGV[8] unhold     '1': a worker that holds the call ahead of its grant lets it go (it
---                    stops): the call is sent anew when its turn comes
+-- ARGV[8] mode       '' a start; 'u' a worker that holds the call ahead of its grant lets it go
+--                    (it stops): the call is sent anew when its turn comes; 'c' the holder
+--                    confirms the run a release granted it (see serve in common.lua)
 -- Returns {epoch, code, fence, backend, dependents (1: calls wait for its end, so its result
 -- is wanted), follow-up rows...}; code:
 --   1 run it;
@@ -28,6 +29,16 @@ if rec == false then
 end
 if rec then
   local backend = rec.backend or ''
+  if rec.state == 'running' and ARGV[8] == 'c' and rec.unconfirmed and rec.runner == ARGV[6] then
+    -- Granted to its holder by a release, which woke it: the run begins (the holder did not
+    -- wait for this answer). Its message is no longer needed; the next call goes ahead.
+    rec.unconfirmed, rec.ahead, rec.holder = nil, nil, nil
+    if rec.stored then redis.call('HDEL', K_MESSAGES, id) end
+    rec.stored = nil
+    save(id, rec)
+    send_ahead(gate(rec.gates[1]))
+    return reply(1, rec.fence, backend)
+  end
   if rec.state == 'running' then
     rec.seen_twice = true
     save(id, rec)
@@ -36,18 +47,25 @@ if rec then
   if rec.state == 'needs' then return reply(5, 0, backend) end
   if rec.state == 'parked' or rec.state == 'waiting' then
     -- A late copy of a call whose grant expired: it may run now only if it fits.
-    if ARGV[8] == '1' then
+    if ARGV[8] == 'u' then
       if rec.ahead then
-        rec.ahead = nil
+        rec.ahead, rec.holder = nil, nil
         save(id, rec)
       end
       return reply(5, 0, backend)
     end
     local verdict = fits(rec, rec.lane, nil)
-    if verdict ~= 'ok' and rec.ahead then return reply(9, 0, backend) end
+    if verdict ~= 'ok' and rec.ahead then
+      -- Held: the release that grants it hands it to this holder directly (see serve).
+      if rec.holder ~= ARGV[6] or rec.redeliver ~= (ARGV[7] == '1') then
+        rec.holder, rec.redeliver = ARGV[6], ARGV[7] == '1'
+        save(id, rec)
+      end
+      return reply(9, 0, backend)
+    end
     if verdict ~= 'ok' then return reply(5, 0, backend) end
     forget(id, rec)
-    rec.lane, rec.seq, rec.ready_ms, rec.ahead = nil, nil, 0, nil
+    rec.lane, rec.seq, rec.ready_ms, rec.ahead, rec.holder = nil, nil, 0, nil, nil
     rec.runner, rec.redeliver = ARGV[6], ARGV[7] == '1'
     rec.seen_twice, rec.stored = true, nil
     return reply(1, grant(id, rec, 'running'), backend)
@@ -55,7 +73,7 @@ if rec then
   note(id, rec, 'RUNNING', 'start')
   rec.state = 'running'
   rec.ready_ms = 0
-  rec.ahead = nil -- a retry of it waits again as an ordinary call
+  rec.ahead, rec.holder = nil, nil -- a retry of it waits again as an ordinary call
   rec.runner = ARGV[6]
   rec.redeliver = ARGV[7] == '1'
   -- A message kept in Redis is not needed once the run is recorded (it cannot be sent again).
