@@ -87,6 +87,8 @@ def let_go_of_held_calls(sender: Any = None, **_: Any) -> None:
 
     def push() -> None:
         for rt in runtimes():
+            if not rt.settings.prefetch:
+                continue
             try:
                 pipe = rt.client.pipeline(transaction=False)
                 for group, calls in requests.items():

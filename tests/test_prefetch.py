@@ -6,10 +6,13 @@ threads workers that hold the calls sent ahead until a release wakes them.
 
 from __future__ import annotations
 
+import time
+
 import redis
 from celery import states
 
 from celery_semaphore import Semaphore, cancel, runtime_for
+from celery_semaphore.group import Started
 
 from .conftest import push_app, queued_messages, threads_worker, wait_for
 
@@ -80,3 +83,24 @@ def test_calls_sent_ahead_and_purged_never_run_wherever_their_copy_is(
         assert last.get(timeout=20) == 10
     assert [r.state for r in purged] == [states.REVOKED] * 2
     assert _start_order(app) == [first.id, last.id]
+
+
+def test_a_token_for_a_holder_that_died_never_wakes_the_next_holder_of_the_call(
+    urls: dict[str, str], prefix: str, slots: redis.Redis
+) -> None:
+    # The scripts driven directly, the clock too. Found by the chaos soak with prefetch on: a
+    # token left for a dead holder woke the call's next holder, which then ran it ungranted.
+    app = push_app(urls, prefix, "slots", limit=1, semaphore_prefetch=1)
+    work = app.tasks["proj.work"]
+    gate = runtime_for(app).group("work")
+    first = work.apply_async((10,), queue=f"{prefix}.elsewhere")  # takes the unit
+    held = work.delay(10)  # parked, sent ahead
+    wake = f"{gate.tag}:wake:{held.id}"
+    assert gate.start(held.id, "h1:1", mode="c")[0] is Started.AHEAD
+    assert gate.release(first.id).released  # grants it to its holder h1 and wakes it
+    assert slots.lrange(wake, 0, -1) == [b"2,0"]  # its fence (first had 1), no result wanted
+    # h1 died without reading it: its lease runs out, and the call waits to be sent anew.
+    later = int(time.time() * 1000) + 600_000
+    gate.reclaim(now_ms=later)
+    assert not slots.exists(wake)
+    assert gate.start(held.id, "h2:2", mode="c", now_ms=later + 60_000)[0] is Started.RUN

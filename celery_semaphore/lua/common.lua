@@ -567,6 +567,9 @@ end
 
 local function forget(id, rec)
   if rec and rec.state == 'parked' and rec.lane then unpark(id, rec) end
+  -- A wake token of a call of a prefetching gate (a let-go a stopping worker sent to all
+  -- its calls, one its holder never read) goes with the call.
+  if rec and rec.gates and gate(rec.gates[1]).prefetch > 0 then redis.call('DEL', wake_key(id)) end
   if rec and rec.state == 'needs' then redis.call('HINCRBY', K_STATE, 'needs', -1) end
   redis.call('ZREM', K_HOLDERS, id)
   if not rec or rec.state == 'waiting' or rec.state == 'needs' then
@@ -629,13 +632,13 @@ local function serve(g, lane, out)
     -- holder confirms, its message stays here: a holder that died never ran it (reclaim).
     rec.runner, rec.unconfirmed = rec.holder, true
     local fence = grant(id, rec, 'running')
+    redis.call('DEL', wake_key(id))
     wake_ahead(id, fence .. ',' .. redis.call('HEXISTS', K_DEPENDENTS, id))
     out[#out + 1] = {id, fence, '', '', 1}
   elseif rec.ahead then
-    -- Its message went to the broker ahead of this grant; no worker holds it yet.
-    local fence = grant(id, rec, 'granted')
-    wake_ahead(id, '1')
-    out[#out + 1] = {id, fence, '', '', 1}
+    -- Its message went to the broker ahead of this grant and no worker holds it yet: the
+    -- worker that receives it finds it granted and runs it.
+    out[#out + 1] = {id, grant(id, rec, 'granted'), '', '', 1}
   else
     out[#out + 1] = handed(id, grant(id, rec, 'granted'), message, inputs_of(rec))
   end
@@ -665,6 +668,9 @@ local function send_ahead(g)
     if rec and rec.state == 'parked' and not rec.ahead then
       local message = redis.call('HGET', K_MESSAGES, id)
       if not message or not pushed(message, true, inputs_of(rec)) then return end
+      -- A token left from an earlier hold of this call (a grant its holder took by its own
+      -- start, a holder that died, a let-go) must not wake the next holder.
+      redis.call('DEL', wake_key(id))
       rec.ahead = true
       save(id, rec)
     end

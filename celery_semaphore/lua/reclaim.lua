@@ -82,6 +82,7 @@ for _, id in ipairs(expired) do
         rec.slot = nil
         -- A call held ahead of its grant whose holder never started it: sent anew next time.
         rec.ahead, rec.holder, rec.unconfirmed, rec.runner = nil, nil, nil, nil
+        redis.call('DEL', wake_key(id))
         rec.ready_ms = NOW + tonumber(ARGV[8]) * rec.dispatches
         save(id, rec)
         redis.call('ZADD', K_DELAYED, rec.ready_ms, id)

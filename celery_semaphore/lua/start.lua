@@ -33,6 +33,8 @@ if rec then
     -- Granted to its holder by a release, which woke it: the run begins (the holder did not
     -- wait for this answer). Its message is no longer needed; the next call goes ahead.
     rec.unconfirmed, rec.ahead, rec.holder = nil, nil, nil
+    -- Confirmed by the holder's own look (not by the token): the token must not outlive it.
+    redis.call('DEL', wake_key(id))
     if rec.stored then redis.call('HDEL', K_MESSAGES, id) end
     rec.stored = nil
     save(id, rec)
