@@ -104,3 +104,20 @@ def test_a_token_for_a_holder_that_died_never_wakes_the_next_holder_of_the_call(
     gate.reclaim(now_ms=later)
     assert not slots.exists(wake)
     assert gate.start(held.id, "h2:2", mode="c", now_ms=later + 60_000)[0] is Started.RUN
+
+
+def test_a_second_copy_of_a_held_call_is_skipped_so_one_holder_waits_for_the_token(
+    urls: dict[str, str], prefix: str
+) -> None:
+    # The broker redelivers a held call (acks_late past the visibility timeout): a second
+    # holder would race the first for the token and both could run it.
+    app = push_app(urls, prefix, "slots", limit=1, semaphore_prefetch=1)
+    work = app.tasks["proj.work"]
+    gate = runtime_for(app).group("work")
+    first = work.apply_async((10,), queue=f"{prefix}.elsewhere")
+    held = work.delay(10)
+    assert gate.start(held.id, "h1:1", mode="c")[0] is Started.AHEAD
+    assert gate.start(held.id, "h2:2", mode="c")[0] is Started.REPARKED  # skipped
+    assert gate.start(held.id, "h1:1", mode="c")[0] is Started.AHEAD  # the first looks again
+    assert gate.release(first.id).released
+    assert gate.start(held.id, "h2:2", mode="c")[0] is Started.DUPLICATE  # h1 runs it

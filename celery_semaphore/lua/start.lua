@@ -58,6 +58,10 @@ if rec then
     end
     local verdict = fits(rec, rec.lane, nil)
     if verdict ~= 'ok' and rec.ahead then
+      -- A second copy (the broker's redelivery of a held call): only one holder may wait for
+      -- the token. This copy is skipped; should the first holder be gone, its grant goes
+      -- unconfirmed and reclaim sends the call anew.
+      if rec.holder and rec.holder ~= ARGV[6] then return reply(5, 0, backend) end
       -- Held: the release that grants it hands it to this holder directly (see serve).
       if rec.holder ~= ARGV[6] or rec.redeliver ~= (ARGV[7] == '1') then
         rec.holder, rec.redeliver = ARGV[6], ARGV[7] == '1'
