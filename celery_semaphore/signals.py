@@ -14,11 +14,11 @@ from typing import Any
 import redis
 from celery import signals
 from celery.utils.log import get_logger
-from celery.worker import state as worker_state
 
 from .errors import RedisUnavailable
 from .group import Started
 from .guard import group_of_request, header_of
+from .hold import confirmed, hold
 from .inputs import encode_error, encode_result, error_text
 from .publish import HEADER
 from .runtime import HANDOFF_HEADER, WORKFLOW_HEADER, runtime_for, runtimes
@@ -55,7 +55,7 @@ def on_prerun(sender: Any = None, task_id: str | None = None, task: Any = None, 
             task_id, _runner(), redeliver=redeliver
         )
         if verdict is Started.AHEAD:
-            verdict, fence, backend, wanted, follow = _hold(rt, group, request, redeliver)
+            verdict, fence, backend, wanted, follow = hold(rt, group, request, _runner(), redeliver)
     except RedisUnavailable as exc:
         # Refused, or a connect timeout: nothing was sent. A read timeout: the start may still
         # run later in Redis (see Group._run).
@@ -73,62 +73,6 @@ def on_prerun(sender: Any = None, task_id: str | None = None, task: Any = None, 
         rt.scheduler.notify_keepalive(name, {task_id: backend})
 
 
-def _hold(rt: Any, group: Any, request: Any, redeliver: bool) -> Any:
-    """Hold a call sent ahead of its grant (``semaphore_prefetch``) until a release grants it.
-
-    The release that grants it marks it running here and puts a token on its wake list: its
-    fence and whether its result is wanted. The run begins at once; its confirmation goes to
-    Redis without waiting for the answer, which ``task_postrun`` reads. The hold also looks
-    again every so often (the call may have been cancelled or replaced meanwhile) and lets
-    the call go when the worker stops, so that a warm shutdown is not held up by calls that
-    wait. Redis unreachable while holding: the run is skipped, its message being in Redis.
-    """
-    # Shorter than the socket timeout, which would otherwise cut the wait as a stalled server.
-    wait_s = max(0.05, min(1.0, rt.settings.redis_timeout_s / 2))
-    key = f"{group.tag}:wake:{request.id}"
-    stopping = False
-    while True:
-        try:
-            # A token "0" comes from the worker's main process at its shutdown (see
-            # worker.let_go_of_held_calls); a thread of the threads pool sees the flag too.
-            stopping = stopping or bool(worker_state.should_stop or worker_state.should_terminate)
-            if not stopping:
-                token = rt.client.blpop([key], timeout=wait_s)
-                value = token[1] if token is not None else b""
-                value = value.decode() if isinstance(value, bytes) else str(value)
-                if "," in value:
-                    fence, wanted = value.split(",", 1)
-                    request.semaphore_confirm = group.confirm(
-                        request.id, _runner(), redeliver=redeliver
-                    )
-                    return Started.RUN, int(fence), "", wanted == "1", []
-                stopping = value == "0"
-            mode = "u" if stopping else "c"
-            outcome = group.start(request.id, _runner(), redeliver=redeliver, mode=mode)
-        except (redis.RedisError, RedisUnavailable) as exc:
-            request.semaphore_unrecorded = "refused"
-            if isinstance(exc, RedisUnavailable):
-                raise
-            raise RedisUnavailable(group.url, exc) from exc
-        if outcome[0] is not Started.AHEAD:
-            return outcome
-
-
-def _confirmed(request: Any) -> None:
-    """Read the answer of a held call's confirmation (see ``_hold``), before its release."""
-    answer = getattr(request, "semaphore_confirm", None)
-    if answer is None:
-        return
-    request.semaphore_confirm = None
-    try:
-        code = answer()
-    except Exception as exc:  # the release still runs; lease expiry covers the rest
-        logger.warning("gate: the run of held call %s could not be confirmed: %r", request.id, exc)
-        return
-    if code != Started.RUN:
-        logger.warning("gate: held call %s: its run was not confirmed (code %s)", request.id, code)
-
-
 def on_postrun(
     sender: Any = None,
     task_id: str | None = None,
@@ -143,7 +87,7 @@ def on_postrun(
     rt = runtime_for(getattr(task, "app", None))
     if name is None or rt is None or task_id is None:
         return
-    _confirmed(request)
+    confirmed(request)
     if state == "RETRY" or getattr(request, "semaphore_resent", None) == name:
         # A retry or a replacement was sent under the same id by this run: it keeps the hold.
         return
