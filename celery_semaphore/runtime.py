@@ -150,9 +150,18 @@ class Runtime:
         """Whether grants push messages into the broker's queues themselves: the broker is
         the gates' Redis server and database (see :mod:`.push`; ``semaphore_broker_push``)."""
         s = self.settings
-        if not s.broker_push or kind_of(s.redis_url, s.redis_cluster) != "single":
-            return False
-        return broker_is_gates(self.app, self.client)
+        push = (
+            s.broker_push
+            and kind_of(s.redis_url, s.redis_cluster) == "single"
+            and broker_is_gates(self.app, self.client)
+        )
+        if s.prefetch and not push:
+            logger.warning(
+                "celery_semaphore: semaphore_prefetch = %d has no effect: it needs broker push "
+                "(the broker in the gates' Redis server and database, semaphore_broker_push on)",
+                s.prefetch,
+            )
+        return push
 
     @cached_property
     def scripts(self) -> Scripts:

@@ -6,8 +6,10 @@ threads workers that hold the calls sent ahead until a release wakes them.
 
 from __future__ import annotations
 
+import logging
 import time
 
+import pytest
 import redis
 from celery import states
 
@@ -121,3 +123,17 @@ def test_a_second_copy_of_a_held_call_is_skipped_so_one_holder_waits_for_the_tok
     assert gate.start(held.id, "h1:1", mode="c")[0] is Started.AHEAD  # the first looks again
     assert gate.release(first.id).released
     assert gate.start(held.id, "h2:2", mode="c")[0] is Started.DUPLICATE  # h1 runs it
+
+
+def test_prefetch_without_broker_push_says_it_has_no_effect_and_sends_nothing_ahead(
+    urls: dict[str, str], prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = push_app(urls, prefix, "own", limit=1, semaphore_prefetch=2)  # broker elsewhere
+    work = app.tasks["proj.work"]
+    with caplog.at_level(logging.WARNING):
+        first, parked = work.delay(10), work.delay(10)
+    assert "semaphore_prefetch = 2 has no effect" in caplog.text
+    broker = app.connection_for_write().default_channel.client
+    assert [m["headers"]["id"] for m in queued_messages(broker, prefix)] == [first.id]
+    with threads_worker(app, concurrency=4):
+        assert [r.get(timeout=20) for r in (first, parked)] == [10, 10]
