@@ -128,11 +128,20 @@ def explain(task_id: str, app: Celery) -> Explanation:
         reason = f"waits for its start time, in {max(0.0, left_s):.1f} s"
     elif internal == "parked":
         reason, position = _parked_reason(group, gates, task_id, record)
+        if record.get("ahead"):  # semaphore_prefetch
+            holder = record.get("holder")
+            reason += (
+                f"; sent ahead of its grant, held by {holder}"
+                if holder
+                else "; sent ahead of its grant, in the broker"
+            )
     elif internal == "granted":
         reason = "handed room and sent to the broker; no worker has started it yet"
     else:
         runner = record.get("runner") or "?"
         reason = f"runs on {runner}, fence {record.get('fence')}"
+        if record.get("unconfirmed"):
+            reason += " (granted to its holder, which has not confirmed the run yet)"
     return Explanation(
         task_id=task_id,
         task=str(record.get("task") or ""),

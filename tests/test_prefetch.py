@@ -13,7 +13,7 @@ import pytest
 import redis
 from celery import states
 
-from celery_semaphore import Semaphore, cancel, runtime_for
+from celery_semaphore import Semaphore, cancel, explain, runtime_for
 from celery_semaphore.group import Started
 
 from .conftest import push_app, queued_messages, threads_worker, wait_for
@@ -137,3 +137,18 @@ def test_prefetch_without_broker_push_says_it_has_no_effect_and_sends_nothing_ah
     assert [m["headers"]["id"] for m in queued_messages(broker, prefix)] == [first.id]
     with threads_worker(app, concurrency=4):
         assert [r.get(timeout=20) for r in (first, parked)] == [10, 10]
+
+
+def test_explain_says_where_a_call_sent_ahead_is(urls: dict[str, str], prefix: str) -> None:
+    app = push_app(urls, prefix, "slots", limit=1, semaphore_prefetch=1)
+    work = app.tasks["proj.work"]
+    gate = runtime_for(app).group("work")
+    first = work.apply_async((10,), queue=f"{prefix}.elsewhere")
+    held = work.delay(10)
+    assert explain(held.id, app=app).reason.endswith("sent ahead of its grant, in the broker")
+    assert gate.start(held.id, "h1:1", mode="c")[0] is Started.AHEAD
+    assert explain(held.id, app=app).reason.endswith("sent ahead of its grant, held by h1:1")
+    assert gate.release(first.id).released
+    assert explain(held.id, app=app).reason == (
+        "runs on h1:1, fence 2 (granted to its holder, which has not confirmed the run yet)"
+    )
