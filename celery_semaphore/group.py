@@ -282,6 +282,11 @@ class Group(GroupViews):
         follow, _ = self._split(reply[5:])
         return verdict, int(reply[2]), as_text(reply[3]), bool(int(reply[4])), follow
 
+    def wake_key(self, task_id: str) -> str:
+        """The list a worker holding ``task_id`` ahead of its grant waits on (see hold.py);
+        ``wake_key`` in lua/common.lua names the same key."""
+        return f"{self.tag}:wake:{task_id}"
+
     def confirm(self, task_id: str, runner: str, *, redeliver: bool = False) -> Callable[[], int]:
         """Confirm, without waiting for the answer, the run a release granted a holder.
 

@@ -15,6 +15,7 @@ from celery.worker import state as worker_state
 
 from .errors import RedisUnavailable
 from .outcome import Started
+from .views import text
 
 __all__ = ["confirmed", "hold"]
 
@@ -33,7 +34,7 @@ def hold(rt: Any, group: Any, request: Any, runner: str, redeliver: bool) -> Any
     """
     # Shorter than the socket timeout, which would otherwise cut the wait as a stalled server.
     wait_s = max(0.05, min(1.0, rt.settings.redis_timeout_s / 2))
-    key = f"{group.tag}:wake:{request.id}"
+    key = group.wake_key(request.id)
     stopping = False
     while True:
         try:
@@ -42,8 +43,7 @@ def hold(rt: Any, group: Any, request: Any, runner: str, redeliver: bool) -> Any
             stopping = stopping or bool(worker_state.should_stop or worker_state.should_terminate)
             if not stopping:
                 token = rt.client.blpop([key], timeout=wait_s)
-                value = token[1] if token is not None else b""
-                value = value.decode() if isinstance(value, bytes) else str(value)
+                value = text(token[1]) if token is not None else ""
                 if "," in value:
                     fence, wanted = value.split(",", 1)
                     request.semaphore_confirm = group.confirm(

@@ -61,7 +61,7 @@ def on_prerun(sender: Any = None, task_id: str | None = None, task: Any = None, 
         # run later in Redis (see Group._run).
         cause = exc.cause
         timed_out = isinstance(cause, redis.TimeoutError) and "connecting" not in str(cause)
-        if getattr(request, "semaphore_unrecorded", None) != "refused":  # set by _hold
+        if getattr(request, "semaphore_unrecorded", None) != "refused":  # set by hold()
             request.semaphore_unrecorded = "unknown" if timed_out else "refused"
         raise
     request.semaphore_verdict = verdict

@@ -87,13 +87,13 @@ def let_go_of_held_calls(sender: Any = None, **_: Any) -> None:
 
     def push() -> None:
         for rt in runtimes():
-            if not rt.settings.prefetch:
+            if not (rt.settings.prefetch and rt.broker_push):
                 continue
             try:
                 pipe = rt.client.pipeline(transaction=False)
                 for group, calls in requests.items():
                     for task_id in calls:
-                        key = f"{rt.group(group).tag}:wake:{task_id}"
+                        key = rt.group(group).wake_key(task_id)
                         pipe.lpush(key, "0")
                         pipe.pexpire(key, WAKE_TOKEN_TTL_MS)
                 pipe.execute()

@@ -97,7 +97,7 @@ def test_a_token_for_a_holder_that_died_never_wakes_the_next_holder_of_the_call(
     gate = runtime_for(app).group("work")
     first = work.apply_async((10,), queue=f"{prefix}.elsewhere")  # takes the unit
     held = work.delay(10)  # parked, sent ahead
-    wake = f"{gate.tag}:wake:{held.id}"
+    wake = gate.wake_key(held.id)
     assert gate.start(held.id, "h1:1", mode="c")[0] is Started.AHEAD
     assert gate.release(first.id).released  # grants it to its holder h1 and wakes it
     assert slots.lrange(wake, 0, -1) == [b"2,0"]  # its fence (first had 1), no result wanted

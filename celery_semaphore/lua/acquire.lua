@@ -32,12 +32,13 @@ local out = {}
 
 local names = promote()
 for i, name in ipairs(call.gates) do seed(name, limits[i]) end
+-- The call's record keeps prefetch (its start and end look at it); the gate's state holds
+-- the count, which send_ahead reads.
 local prefetch = tonumber(call.prefetch) or 0
 if prefetch ~= gate(call.gates[1]).prefetch then
   gate(call.gates[1]).prefetch = prefetch
   redis.call('HSET', K_STATE, call.gates[1] .. ':prefetch', prefetch)
 end
-call.prefetch = nil
 local extra = {}
 local function reply(code, n)
   pump(names, out)

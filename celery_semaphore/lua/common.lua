@@ -569,7 +569,7 @@ local function forget(id, rec)
   if rec and rec.state == 'parked' and rec.lane then unpark(id, rec) end
   -- A wake token of a call of a prefetching gate (a let-go a stopping worker sent to all
   -- its calls, one its holder never read) goes with the call.
-  if rec and rec.gates and gate(rec.gates[1]).prefetch > 0 then redis.call('DEL', wake_key(id)) end
+  if rec and rec.prefetch then redis.call('DEL', wake_key(id)) end
   if rec and rec.state == 'needs' then redis.call('HINCRBY', K_STATE, 'needs', -1) end
   redis.call('ZREM', K_HOLDERS, id)
   if not rec or rec.state == 'waiting' or rec.state == 'needs' then
@@ -675,6 +675,13 @@ local function send_ahead(g)
       save(id, rec)
     end
   end
+end
+
+-- A call of a prefetching gate starts: the next call to hold ahead of its grant goes out
+-- now, not at the release that granted this one, so that its delivery does not compete with
+-- the hand-off. Other calls (rec.prefetch unset) pay nothing here, not even the gate's read.
+local function ahead_next(rec)
+  if rec.prefetch and PARKED > 0 then send_ahead(gate(rec.gates[1])) end
 end
 
 -- Hand room of the given gates to the lanes waiting for it, best first.

@@ -38,7 +38,7 @@ if rec then
     if rec.stored then redis.call('HDEL', K_MESSAGES, id) end
     rec.stored = nil
     save(id, rec)
-    send_ahead(gate(rec.gates[1]))
+    ahead_next(rec)
     return reply(1, rec.fence, backend)
   end
   if rec.state == 'running' then
@@ -87,9 +87,7 @@ if rec then
   rec.stored = nil
   save(id, rec)
   redis.call('ZADD', K_HOLDERS, NOW + rec.lease_ms, id)
-  -- The next call to hold ahead of its grant goes out now that this one runs, not at the
-  -- release that granted it: its delivery then does not compete with this start.
-  send_ahead(gate(rec.gates[1]))
+  ahead_next(rec)
   return reply(1, rec.fence, backend)
 end
 if redis.call('ZSCORE', K_ENDED, id) then return reply(8, 0, '') end
