@@ -20,7 +20,15 @@ from celery_semaphore import runtime_for
 
 from .cluster import Cluster, Worker, cpu_seconds
 
-__all__ = ["Batch", "Bench", "BenchError", "Options", "Record"]
+__all__ = ["GATE_VARIANTS", "Batch", "Bench", "BenchError", "Options", "Record"]
+
+#: The gate variants scenarios 2 and 3 measure: name -> (its worker, the layout of its gates;
+#: see benchmarks.cluster.Cluster.gate_home).
+GATE_VARIANTS = {
+    "gate": ("gated", "separate"),
+    "gate-shared": ("gated-shared", "shared"),
+    "gate-prefetch": ("gated-prefetch", "prefetch"),
+}
 
 
 class BenchError(RuntimeError):
@@ -142,6 +150,14 @@ class Bench:
                     layout=spec.get("layout", "separate"),
                 )
         self.cluster.ready([self.workers[n] for n in specs])
+
+    def gate_variants(self) -> dict[str, tuple[Worker, Celery]]:
+        """Each gate variant of :data:`GATE_VARIANTS`: its worker, and the harness's app that
+        sends to it."""
+        return {
+            name: (self.worker(worker), self.gate_app(layout))
+            for name, (worker, layout) in GATE_VARIANTS.items()
+        }
 
     def gate_app(self, layout: str = "separate") -> Celery:
         """The harness's app with the extension (sends gated calls), its gates where the

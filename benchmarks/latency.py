@@ -22,26 +22,21 @@ from typing import Any
 from celery_semaphore import runtime_for
 
 from .calls import acquire
-from .harness import Bench, rotated
+from .harness import GATE_VARIANTS, Bench, rotated
 from .proj import gated_task_name
 from .report import Row, verdict
 from .stats import Spread, peak_overlap, percentile, ratio_of
 
-__all__ = ["GATE_LAYOUTS", "handoff", "submit"]
+__all__ = ["handoff", "submit"]
 
 HANDOFF_MS = 5.0
-#: Gate variant -> the layout of its gates (see benchmarks.cluster.Cluster.gate_home).
-GATE_LAYOUTS = {"gate": "separate", "gate-shared": "shared", "gate-prefetch": "prefetch"}
 
 
 def handoff(bench: Bench) -> list[Row]:
     """Scenario 3: end of a gated task to the start of the next parked call, p50 and p99."""
     opts = bench.options
     n = opts.calls(200, 10)
-    plain_w, gated_w = bench.worker("plain"), bench.worker("gated")
-    shared_w, prefetch_w = bench.worker("gated-shared"), bench.worker("gated-prefetch")
-    plain, gated, shared = bench.plain_app(), bench.gate_app(), bench.gate_app("shared")
-    prefetch = bench.gate_app("prefetch")
+    plain_w, plain = bench.worker("plain"), bench.plain_app()
     timeout = 30.0 + n * 0.2
 
     def gate_batch_of(app: Any, queue: str) -> Any:
@@ -58,23 +53,22 @@ def handoff(bench: Bench) -> list[Row]:
         return n
 
     variants = {
-        "gate": (gated_w, gate_batch_of(gated, gated_w.queue)),
-        "gate-shared": (shared_w, gate_batch_of(shared, shared_w.queue)),
-        "gate-prefetch": (prefetch_w, gate_batch_of(prefetch, prefetch_w.queue)),
-        "relay": (plain_w, relay_batch),
+        name: (worker, gate_batch_of(app, worker.queue))
+        for name, (worker, app) in bench.gate_variants().items()
     }
+    variants["relay"] = (plain_w, relay_batch)
     p50: dict[str, list[float]] = defaultdict(list)
     p99: dict[str, list[float]] = defaultdict(list)
     facts = {
         name: {"limit": 1, "calls_sent": 0, "calls_completed": 0, "peak_running": 0}
-        for name in GATE_LAYOUTS
+        for name in GATE_VARIANTS
     }
     for rep in range(opts.reps):
         for name in rotated(list(variants), rep):
             worker, batch_of = variants[name]
             batch = bench.run_batch(worker, f"handoff-{name}", batch_of, timeout)
             if name in facts:
-                bench.wait_idle("one", layout=GATE_LAYOUTS[name])
+                bench.wait_idle("one", layout=GATE_VARIANTS[name][1])
                 facts[name]["calls_sent"] += n
                 facts[name]["calls_completed"] += len(batch.records)
                 peak = peak_overlap([(r.start, r.end) for r in batch.records])

@@ -10,8 +10,7 @@ import math
 from collections import defaultdict
 from typing import Any
 
-from .harness import Batch, Bench, rotated
-from .latency import GATE_LAYOUTS
+from .harness import GATE_VARIANTS, Batch, Bench, rotated
 from .proj import gated_task_name
 from .report import Row, verdict
 from .stats import Spread, peak_overlap, ratio_of
@@ -142,10 +141,7 @@ def _utilisation_at(bench: Bench, ms: float) -> list[Row]:
     n = opts.calls(400 if ms <= 10 else 80, limit * 5)
     n_dramatiq = opts.calls(200 if ms <= 10 else 40, limit * 5)
     ideal = limit / (ms / 1000.0)
-    plain_w, gated_w, c4_w = bench.worker("plain"), bench.worker("gated"), bench.worker("c4")
-    shared_w, prefetch_w = bench.worker("gated-shared"), bench.worker("gated-prefetch")
-    plain, gated, shared = bench.plain_app(), bench.gate_app(), bench.gate_app("shared")
-    prefetch = bench.gate_app("prefetch")
+    plain_w, c4_w, plain = bench.worker("plain"), bench.worker("c4"), bench.plain_app()
     per_chain = max(1, n // limit)
     timeout = _timeout(n, ms / 1000.0 / limit)
 
@@ -154,45 +150,34 @@ def _utilisation_at(bench: Bench, ms: float) -> list[Row]:
             plain.tasks["bench.relay"].apply_async((ms, tag, chain, per_chain), queue=plain_w.queue)
         return per_chain * limit
 
+    def gate_batch_of(app: Any, queue: str) -> Any:
+        task = app.tasks[gated_task_name("limited")]
+        return lambda tag: _send_many(task, n, (ms, tag), queue)
+
     variants: dict[str, tuple[Any, Any, int]] = {
-        "gate": (
-            gated_w,
-            lambda tag: _send_many(
-                gated.tasks[gated_task_name("limited")], n, (ms, tag), gated_w.queue
-            ),
-            n,
-        ),
-        "gate-shared": (
-            shared_w,
-            lambda tag: _send_many(
-                shared.tasks[gated_task_name("limited")], n, (ms, tag), shared_w.queue
-            ),
-            n,
-        ),
-        "gate-prefetch": (
-            prefetch_w,
-            lambda tag: _send_many(
-                prefetch.tasks[gated_task_name("limited")], n, (ms, tag), prefetch_w.queue
-            ),
-            n,
-        ),
-        "relay": (plain_w, relay, per_chain * limit),
-        "c4": (
-            c4_w,
-            lambda tag: _send_many(plain.tasks["bench.plain"], n, (ms, tag), c4_w.queue),
-            n,
-        ),
-        "in-task": (
-            plain_w,
-            lambda tag: _send_many(
-                plain.tasks["bench.locked"],
-                n,
-                (ms, tag, limit, ms * opts.retry_factor),
-                plain_w.queue,
-            ),
-            n,
-        ),
+        name: (worker, gate_batch_of(app, worker.queue), n)
+        for name, (worker, app) in bench.gate_variants().items()
     }
+    variants.update(
+        {
+            "relay": (plain_w, relay, per_chain * limit),
+            "c4": (
+                c4_w,
+                lambda tag: _send_many(plain.tasks["bench.plain"], n, (ms, tag), c4_w.queue),
+                n,
+            ),
+            "in-task": (
+                plain_w,
+                lambda tag: _send_many(
+                    plain.tasks["bench.locked"],
+                    n,
+                    (ms, tag, limit, ms * opts.retry_factor),
+                    plain_w.queue,
+                ),
+                n,
+            ),
+        }
+    )
     if "dramatiq" in bench.workers:
         actor = bench.dramatiq_actors.limited
 
@@ -207,7 +192,7 @@ def _utilisation_at(bench: Bench, ms: float) -> list[Row]:
     wasted: dict[str, list[float]] = defaultdict(list)
     facts = {
         name: {"limit": limit, "calls_sent": 0, "calls_completed": 0, "peak_running": 0}
-        for name in GATE_LAYOUTS
+        for name in GATE_VARIANTS
     }
     for rep in range(opts.reps):
         for name in rotated(list(variants), rep):
@@ -216,7 +201,7 @@ def _utilisation_at(bench: Bench, ms: float) -> list[Row]:
             refused_before = _count_refused(worker.log) if gate_worker else 0
             batch: Batch = bench.run_batch(worker, f"util{ms:g}-{name}", submit, timeout * 3)
             if gate_worker:
-                bench.wait_idle("limited", layout=GATE_LAYOUTS[name])
+                bench.wait_idle("limited", layout=GATE_VARIANTS[name][1])
                 batch.wasted = _count_refused(worker.log) - refused_before
                 facts[name]["calls_sent"] += calls
                 facts[name]["calls_completed"] += len(batch.records)
